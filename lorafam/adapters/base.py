@@ -1,0 +1,297 @@
+"""The one interface every LoRA-family variant implements.
+
+A variant is a small file with three things:
+
+* a ``Config`` (pydantic, strict) holding its recipe keys under ``adapter:``;
+* an ``AdapterLayer`` subclass that wraps one frozen ``nn.Linear`` (forward, delta weight, merge);
+* a ``Variant`` subclass that builds those layers and owns anything that spans layers: shared
+  tensors (VeRA), optimizer groups (LoRA+), an extra loss term (AdaLoRA), a per-step hook
+  (Delta-LoRA, AdaLoRA), and the PEFT-format ``adapter_config.json``.
+
+The trainer, save, merge and eval code only talk to this interface; nothing outside ``adapters/``
+looks at a variant's name.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from lorafam.errors import LorafamError
+
+# Prefix PEFT puts in front of module paths in adapter_model.safetensors; we use the same so that
+# `peft.PeftModel.from_pretrained` reads our files.
+PEFT_PREFIX = "base_model.model."
+
+
+class AdapterConfig(BaseModel):
+    """Keys shared by every variant (the ``adapter:`` section of a recipe)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    variant: str = Field(description="Which member of the family: see `lorafam.adapters.VARIANTS`.")
+    r: int = Field(8, ge=1, description="Rank of the low-rank update.")
+    alpha: float = Field(16.0, gt=0, description="Scale numerator: the update is multiplied by alpha / r.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter path's input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        description="Linear layers to adapt: names matched against the end of each module path, "
+        "or 'all-linear' for every linear layer except the output head.",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Extra modules trained in full and saved with the adapter. The classification "
+        "head of a sequence-classification model is added automatically.",
+    )
+
+
+class AdapterLayer(nn.Module):
+    """Wraps a frozen base ``nn.Linear``; subclasses add the trainable update.
+
+    The base layer is kept as ``base_layer`` (PEFT's attribute name) so module paths, and hence
+    the saved keys, line up with PEFT's.
+    """
+
+    def __init__(self, base_layer: nn.Linear):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update to the base weight, shape (out, in), in the base weight's dtype."""
+        raise NotImplementedError
+
+    def merged(self) -> nn.Linear:
+        """A plain ``nn.Linear`` computing what this layer computes. Default: W + delta weight."""
+        weight = self.base_layer.weight
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.base_layer.bias is not None)
+        linear.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight + self.delta_weight().to(weight.dtype))
+            if self.base_layer.bias is not None:
+                linear.bias.copy_(self.base_layer.bias)
+        return linear
+
+    def adapter_named_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors saved in the adapter file for this layer (relative names), base weights excluded."""
+        out = {n: p for n, p in self.named_parameters() if not n.startswith("base_layer.")}
+        out.update({n: b for n, b in self.named_buffers() if not n.startswith("base_layer.")})
+        return out
+
+
+def dropout_module(p: float) -> nn.Module:
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
+def is_linear(module: nn.Module) -> bool:
+    """True for nn.Linear and for bitsandbytes' quantized linears (which subclass it)."""
+    return isinstance(module, nn.Linear)
+
+
+class Variant:
+    """One adapter method applied to one model. Subclasses set ``name``, ``Config`` and ``make_layer``."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[AdapterConfig]] = AdapterConfig
+    #: Paper the method comes from, shown in `lorafam inspect` and the README.
+    paper: ClassVar[str] = ""
+    #: The ``peft_type`` written to adapter_config.json; None where PEFT has no such method.
+    peft_type: ClassVar[str | None] = None
+    #: True where the method can run on a 4-bit quantized base (it never writes into W).
+    supports_quantized_base: ClassVar[bool] = True
+
+    def __init__(self, config: AdapterConfig):
+        self.config = config
+        self.model: nn.Module | None = None
+        self.layers: dict[str, AdapterLayer] = {}
+        self.saved_modules: dict[str, nn.Module] = {}
+
+    # ----------------------------------------------------------------------------------------------
+    # Building
+    @property
+    def scaling(self) -> float:
+        return self.config.alpha / self.config.r
+
+    def make_layer(self, base_layer: nn.Linear, path: str) -> AdapterLayer:
+        raise NotImplementedError
+
+    def attach(self, model: nn.Module) -> None:
+        """Called once after all layers are injected: create state shared across layers here."""
+
+    def apply(self, model: nn.Module, head_modules: list[str] = ()) -> "Variant":
+        """Freeze ``model``, wrap its target linears in adapter layers, unfreeze saved modules."""
+        self.model = model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        paths = find_targets(model, self.config.target_modules, head_modules)
+        for path in paths:
+            parent, attr = _parent_of(model, path)
+            layer = self.make_layer(getattr(parent, attr), path)
+            setattr(parent, attr, layer)
+            self.layers[path] = layer
+        self.attach(model)
+        for name in list(self.config.modules_to_save) + list(head_modules):
+            path = _find_module_path(model, name)
+            if path is None:
+                raise LorafamError(
+                    f"adapter.modules_to_save: no module named {name!r} in the model; "
+                    "name a module path such as 'classifier' or 'score'"
+                )
+            module = model.get_submodule(path)
+            for p in module.parameters():
+                p.requires_grad_(True)
+            self.saved_modules[path] = module
+        return self
+
+    # ----------------------------------------------------------------------------------------------
+    # Training hooks, called by the trainer in this order each optimizer step:
+    #   loss = task loss + sum(extra_losses()); backward; clip; optimizer.step(); after_step()
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups. Default: every trainable parameter at the base lr."""
+        return [{"params": self.trainable_parameters(), "lr": lr, "weight_decay": weight_decay}]
+
+    def extra_losses(self) -> dict[str, torch.Tensor]:
+        """Named terms added to the task loss (and logged), e.g. AdaLoRA's orthogonality penalty."""
+        return {}
+
+    def after_step(self, step: int, total_steps: int) -> dict[str, float]:
+        """Runs after each optimizer step, before gradients are zeroed. Returns values to log."""
+        return {}
+
+    def train_state(self) -> dict[str, torch.Tensor]:
+        """Variant state beyond the adapter weights that a resumed run needs (e.g. AdaLoRA scores)."""
+        return {}
+
+    def load_train_state(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise LorafamError(f"checkpoint holds variant state this {self.name!r} run does not know")
+
+    # ----------------------------------------------------------------------------------------------
+    # Saving, loading, merging
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the adapter, keyed as PEFT keys them."""
+        out: dict[str, torch.Tensor] = {}
+        for path, layer in self.layers.items():
+            for name, tensor in layer.adapter_named_tensors().items():
+                out[f"{PEFT_PREFIX}{path}.{name}"] = tensor
+        for path, module in self.saved_modules.items():
+            for name, tensor in module.state_dict().items():
+                out[f"{PEFT_PREFIX}{path}.{name}"] = tensor
+        out.update(self.shared_state_dict())
+        return {k: v.detach().contiguous() for k, v in out.items()}
+
+    def shared_state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors that belong to no single layer (VeRA's shared projections), with their keys."""
+        return {}
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.adapter_state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+            raise LorafamError(f"adapter weights do not match this recipe's adapter ({detail})")
+        targets = self._tensor_targets()
+        with torch.no_grad():
+            for key, value in state.items():
+                tensor = targets[key]
+                if tensor.shape != value.shape:
+                    raise LorafamError(
+                        f"adapter weight {key} has shape {tuple(value.shape)}, the recipe builds "
+                        f"{tuple(tensor.shape)}"
+                    )
+                tensor.copy_(value.to(tensor.dtype))
+
+    def _tensor_targets(self) -> dict[str, torch.Tensor]:
+        """The live tensors behind adapter_state_dict's keys (not detached copies)."""
+        out: dict[str, torch.Tensor] = {}
+        for path, layer in self.layers.items():
+            for name, tensor in layer.adapter_named_tensors().items():
+                out[f"{PEFT_PREFIX}{path}.{name}"] = tensor
+        for path, module in self.saved_modules.items():
+            for name, tensor in module.state_dict(keep_vars=True).items():
+                out[f"{PEFT_PREFIX}{path}.{name}"] = tensor
+        out.update(self.shared_state_dict())
+        return out
+
+    def merge(self) -> nn.Module:
+        """Replace every adapter layer by a plain linear computing the same function."""
+        for path, layer in self.layers.items():
+            parent, attr = _parent_of(self.model, path)
+            setattr(parent, attr, layer.merged())
+        self.layers = {}
+        return self.model
+
+    def peft_config(self, base_model_name: str, task_type: str) -> dict[str, Any]:
+        """adapter_config.json. Variants PEFT can read override this with PEFT's field names."""
+        cfg = self.config
+        return {
+            "peft_type": self.peft_type or f"LORAFAM_{self.name.upper()}",
+            "task_type": task_type,
+            "base_model_name_or_path": base_model_name,
+            "r": cfg.r,
+            "target_modules": sorted({p.rsplit(".", 1)[-1] for p in self.layers}),
+            "modules_to_save": list(self.saved_modules) or None,
+            "inference_mode": True,
+        }
+
+    # ----------------------------------------------------------------------------------------------
+    # Reporting
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts of the adapted model."""
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        return trainable, total
+
+
+# --------------------------------------------------------------------------------------------------
+# Module lookup
+
+
+def find_targets(model: nn.Module, targets: list[str] | str, exclude: list[str] = ()) -> list[str]:
+    """Module paths of the linear layers ``targets`` names. Raises if none match."""
+    head = set(exclude) | set(_output_head_names(model))
+    linears = [name for name, m in model.named_modules() if name and is_linear(m)]
+    if targets == "all-linear":
+        found = [n for n in linears if not any(n == h or n.endswith("." + h) for h in head)]
+    else:
+        found = [n for n in linears if any(n == t or n.endswith("." + t) for t in targets)]
+    if not found:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        raise LorafamError(
+            f"adapter.target_modules {targets!r} matches no linear layer in this model; "
+            f"it has: {', '.join(suffixes[:12])}"
+        )
+    return found
+
+
+def _output_head_names(model: nn.Module) -> list[str]:
+    """The output embedding (LM head), never adapted by 'all-linear' (as in PEFT)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if get is not None else None
+    return [name for name, m in model.named_modules() if head is not None and m is head]
+
+
+def _find_module_path(model: nn.Module, name: str) -> str | None:
+    for path, _ in model.named_modules():
+        if path and (path == name or path.endswith("." + name)):
+            return path
+    return None
+
+
+def _parent_of(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, attr = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), attr
+
+
+def kaiming_uniform_(tensor: torch.Tensor) -> torch.Tensor:
+    """nn.Linear's default init (what LoRA's A starts from in the reference implementation)."""
+    return nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))

