@@ -1,10 +1,15 @@
 """lorafam: fine-tune Hugging Face models with the LoRA family."""
 
-import warnings
+import logging
 
-# bitsandbytes on CPU tries to fetch a fused kernel from the hub on import and warns when it cannot;
-# it then uses its bundled CPU library, so the warning is noise for our users.
-warnings.filterwarnings("ignore", message=r".*kernels-community.*")
-warnings.filterwarnings("ignore", message=r".*pip install kernels.*")
+
+def _drop_kernels_hub_notice(record: logging.LogRecord) -> bool:
+    # bitsandbytes on CPU tries to fetch a fused kernel from the hub at import and logs a warning
+    # when the optional `kernels` package is absent; it then uses its bundled CPU library, so the
+    # line is noise for our users.
+    return "kernels-community" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_kernels_hub_notice)
 
 __version__ = "0.1.0"

@@ -56,7 +56,9 @@ class TrainConfig(Section):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables it.")
     seed: int = 42
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = Field(
+        None, description="Autocast dtype; null takes it from `accelerate launch`'s config (else no)."
+    )
     gradient_checkpointing: bool = False
     log_every: int = Field(10, ge=1)
     eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps (and always at the end).")

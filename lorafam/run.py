@@ -1,0 +1,170 @@
+"""The run folder: what `lorafam train` writes and what `merge`, `eval` and `inspect` read back.
+
+    output_dir/
+      adapter_model.safetensors   PEFT key layout, so peft.PeftModel.from_pretrained reads it
+      adapter_config.json         PEFT's LoraConfig fields (plus extras for methods PEFT lacks)
+      recipe.yaml                 the resolved recipe: merge/eval need nothing but this folder
+      run.json                    label names, parameter counts, data report, final metrics
+      metrics.jsonl               one JSON object per logged step / eval
+      tokenizer files
+      checkpoints/step-NNNNNN/    intermediate checkpoints
+
+Every file is written under a temporary name and renamed into place, so a run killed mid-write
+never leaves a truncated file under a real name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lorafam.adapters import Variant, build_variant
+from lorafam.errors import LorafamError
+from lorafam.recipe import Recipe, load_recipe
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+RECIPE_FILE = "recipe.yaml"
+RUN_INFO = "run.json"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+
+PEFT_TASK_TYPES = {"causal-lm": "CAUSAL_LM", "sequence-classification": "SEQ_CLS"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` then rename tmp to ``path``: readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata or {"format": "pt"}))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file (never pickle); a truncated or corrupt file is a clear error."""
+    if not path.is_file():
+        raise LorafamError(f"{path} is missing; is this a finished lorafam run folder?")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LorafamError(f"{path} is corrupt or truncated ({e}); re-run training or use a checkpoint") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_adapter(folder: Path, variant: Variant, recipe: Recipe) -> None:
+    """adapter_model.safetensors + adapter_config.json in PEFT's format."""
+    save_tensors(folder / ADAPTER_WEIGHTS, variant.adapter_state_dict())
+    config = variant.peft_config(recipe.model.name, PEFT_TASK_TYPES[recipe.model.task])
+    write_json(folder / ADAPTER_CONFIG, config)
+
+
+def save_run_files(folder: Path, recipe: Recipe, tokenizer: Any, info: dict[str, Any]) -> None:
+    """The files that make a run folder self-describing (recipe, tokenizer, run.json)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text(folder / RECIPE_FILE, recipe.to_yaml())
+    write_json(folder / RUN_INFO, info)
+    tokenizer.save_pretrained(str(folder))
+
+
+def is_run_folder(path: Path) -> bool:
+    return path.is_dir() and (path / RECIPE_FILE).is_file()
+
+
+def check_output_dir(recipe: Recipe, overwrite: bool) -> Path:
+    """Refuse to mix two different runs in one folder (the user would lose the old one)."""
+    out = Path(recipe.output_dir)
+    if out.exists() and not out.is_dir():
+        raise LorafamError(f"output_dir {out} is a file; choose a folder path with --set output_dir=...")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        saved = out / RECIPE_FILE
+        if not saved.is_file():
+            raise LorafamError(
+                f"output_dir {out} is not empty and holds no lorafam run; choose another with "
+                "--set output_dir=... or pass --overwrite"
+            )
+        if saved.read_text() != recipe.to_yaml():
+            raise LorafamError(
+                f"output_dir {out} holds a different run (its recipe.yaml differs); choose another "
+                "with --set output_dir=... or pass --overwrite to replace it"
+            )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading a finished run
+
+
+@dataclass
+class LoadedRun:
+    recipe: Recipe
+    info: dict[str, Any]
+    folder: Path
+
+    @property
+    def label_names(self) -> list[str] | None:
+        return self.info.get("label_names")
+
+
+def open_run(folder: str | Path) -> LoadedRun:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LorafamError(f"run folder {folder} does not exist; pass the output_dir of a lorafam train run")
+    if not (folder / RECIPE_FILE).is_file():
+        raise LorafamError(f"{folder} is not a lorafam run folder (no {RECIPE_FILE}); pass a train output_dir")
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        raise LorafamError(
+            f"{folder} has no {ADAPTER_WEIGHTS}: the run did not finish; resume it with "
+            f"`lorafam train {folder / RECIPE_FILE} --resume`"
+        )
+    recipe = load_recipe(folder / RECIPE_FILE)
+    info_path = folder / RUN_INFO
+    try:
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    except json.JSONDecodeError:
+        raise LorafamError(f"{info_path} is corrupt; re-run training") from None
+    return LoadedRun(recipe=recipe, info=info, folder=folder)
+
+
+def adapt(model: torch.nn.Module, recipe: Recipe, heads: list[str]) -> Variant:
+    """Inject the recipe's adapter into ``model`` (in place) and return the bound variant."""
+    return build_variant(recipe.adapter).apply(model, heads)
+
+
+def load_adapter_weights(variant: Variant, folder: Path) -> None:
+    variant.load_adapter_state_dict(load_tensors(folder / ADAPTER_WEIGHTS))
