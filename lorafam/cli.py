@@ -5,6 +5,7 @@ Every command turns a LorafamError (bad input) into one line on stderr and exit 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import shutil
@@ -97,6 +98,17 @@ def train(
         "status": "training",
     }
     save_run_files(run_dir, spec, tokenizer, info)
+
+    def fit(dataset: Any, steps: int, phase: str) -> Any:
+        subset = dataclasses.replace(data, train=dataset, eval=None)
+        return run_training(spec, model, variant, tokenizer, subset, run_dir, out, phase=phase, steps=steps)
+
+    prepared = variant.prepare(fit, data.train, spec.train.seed)
+    if prepared:
+        info["prepare"] = prepared
+        trainable, _ = variant.parameter_counts()
+        info["trainable_params"] = trainable
+        out.print(param_line(trainable, total) + " (after prepare)")
     result = run_training(spec, model, variant, tokenizer, data, run_dir, out)
     save_adapter(run_dir, variant, spec)
     artifacts = variant.write_artifacts(run_dir)
@@ -189,14 +201,15 @@ def inspect(
     from lorafam.run import adapt, is_run_folder, open_run
 
     run_report: list[str] = []
+    prepared = None
     if is_run_folder(target):
         run = open_run(target)
-        spec, label_names = run.recipe, run.label_names
+        spec, label_names, prepared = run.recipe, run.label_names, run.info.get("prepare")
         run_report = run.info.get("report") or []
     else:
         spec, label_names = load_recipe(target, set or []), None
     model = build_meta_model(spec.model, label_names)
-    variant = adapt(model, spec, head_modules(model, spec.model.task))
+    variant = adapt(model, spec, head_modules(model, spec.model.task), prepared)
     trainable, total = variant.parameter_counts()
 
     table = Table(title=f"{variant.name} on {spec.model.name}")

@@ -15,7 +15,7 @@ from lorafam.run import LoadedRun, adapt, load_adapter_weights, open_run
 def load_adapted(run: LoadedRun) -> tuple[torch.nn.Module, "object"]:
     """The run's base model with its trained adapter loaded (not merged)."""
     model = load_model(run.recipe.model, run.label_names)
-    variant = adapt(model, run.recipe, head_modules(model, run.recipe.model.task))
+    variant = adapt(model, run.recipe, head_modules(model, run.recipe.model.task), run.info.get("prepare"))
     load_adapter_weights(variant, run.folder)
     return model, variant
 

@@ -161,9 +161,16 @@ def open_run(folder: str | Path) -> LoadedRun:
     return LoadedRun(recipe=recipe, info=info, folder=folder)
 
 
-def adapt(model: torch.nn.Module, recipe: Recipe, heads: list[str]) -> Variant:
-    """Inject the recipe's adapter into ``model`` (in place) and return the bound variant."""
-    return build_variant(recipe.adapter).apply(model, heads)
+def adapt(model: torch.nn.Module, recipe: Recipe, heads: list[str], prepared: dict[str, Any] | None = None) -> Variant:
+    """Inject the recipe's adapter into ``model`` (in place) and return the bound variant.
+
+    ``prepared`` is what the variant's ``prepare`` recorded in a finished run's run.json; a loaded
+    run passes it so variants that restructure themselves before training come back the same.
+    """
+    variant = build_variant(recipe.adapter).apply(model, heads)
+    if prepared:
+        variant.restore(prepared)
+    return variant
 
 
 def load_adapter_weights(variant: Variant, folder: Path) -> None:

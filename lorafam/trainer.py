@@ -73,13 +73,21 @@ def train(
     data: PreparedData,
     run_dir: Path,
     console: Console,
+    phase: str = "main",
+    steps: int | None = None,
 ) -> TrainResult:
+    """Train ``variant``'s parameters on ``data.train``.
+
+    ``phase`` other than "main" is a variant's preparatory run (see Variant.prepare): same loop,
+    its own step count, no eval, samples or checkpoints, metrics rows tagged with the phase.
+    """
     cfg = recipe.train
     task = recipe.model.task
+    main = phase == "main"
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     torch.manual_seed(cfg.seed)
     collate = make_collator(tokenizer, task)
-    steps = total_steps(recipe, len(data.train))
+    steps = steps or total_steps(recipe, len(data.train))
     eval_batch = cfg.eval_batch_size or cfg.batch_size
 
     if cfg.gradient_checkpointing:
@@ -91,12 +99,12 @@ def train(
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
 
     def run_eval() -> dict[str, float] | None:
-        if data.eval is None:
+        if data.eval is None or not main:
             return None
         return evaluate(model, data.eval, collate, task, eval_batch, cfg.eval_max_batches, accelerator.autocast)
 
     def sample() -> str | None:
-        if task != "causal-lm" or not cfg.sample_prompt:
+        if task != "causal-lm" or not cfg.sample_prompt or not main:
             return None
         with accelerator.autocast():
             return generate_sample(accelerator.unwrap_model(model), tokenizer, cfg.sample_prompt, cfg.sample_max_new_tokens)
@@ -107,7 +115,7 @@ def train(
     if result.sample_before is not None:
         console.print(f"sample before: {result.sample_before!r}")
 
-    metrics_file = (run_dir / METRICS).open("w")
+    metrics_file = (run_dir / METRICS).open("w" if main else "a")
     batches = micro_batch_indices(len(data.train), cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes)
     progress = make_progress(console, steps)
     task_id = progress.add_task("train", total=steps, loss=float("nan"), lr=cfg.lr, tps=0.0)
@@ -147,11 +155,12 @@ def train(
             result.final_train_loss = step_loss
             if step % cfg.log_every == 0 or step == steps:
                 row = {"step": step, "loss": step_loss, "lr": lr, "tokens_per_s": tokens_per_s}
+                row |= {} if main else {"phase": phase}
                 row |= {k: v for k, v in extras_logged.items()} | hook_logs
                 write_metrics(metrics_file, row)
                 result.history.append(row)
                 if not console.is_terminal:
-                    console.print(f"step {step}/{steps}  loss {step_loss:.4f}  lr {lr:.3g}  tok/s {tokens_per_s:.0f}")
+                    console.print(f"{'' if main else phase + ' '}step {step}/{steps}  loss {step_loss:.4f}  lr {lr:.3g}  tok/s {tokens_per_s:.0f}")
                 window_tokens, window_start = 0, time.perf_counter()
 
             # --- eval and checkpoint
@@ -160,7 +169,7 @@ def train(
                 if metrics:
                     write_metrics(metrics_file, {"step": step} | {f"eval_{k}": v for k, v in metrics.items()})
                     console.print(f"step {step} eval: {format_metrics(metrics)}")
-            if cfg.save_every and step % cfg.save_every == 0 and step != steps:
+            if main and cfg.save_every and step % cfg.save_every == 0 and step != steps:
                 save_checkpoint(run_dir, step, variant, optimizer, scheduler, {"total_steps": steps})
 
     result.eval_after = run_eval()
