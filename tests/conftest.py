@@ -16,6 +16,9 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+# As the CLI does (lorafam.cli.flush_denormals): subnormal floats make CPU arithmetic ~100x slower.
+torch.set_flush_denormal(True)
+
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

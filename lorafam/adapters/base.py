@@ -15,6 +15,7 @@ looks at a variant's name.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -63,19 +64,43 @@ class AdapterLayer(nn.Module):
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
 
+    def base_weight(self) -> torch.Tensor:
+        """The frozen base weight W as a dense (out, in) float tensor.
+
+        Use this, never ``base_layer.weight``, wherever a variant needs W itself (a norm, an SVD,
+        a merge): on a quantized base ``base_layer.weight`` holds packed 4-bit codes, and this
+        dequantizes them on the fly (a temporary, no full-precision copy is kept). On an
+        unquantized base it is ``base_layer.weight`` itself, no copy. Layers that only need W x
+        should call ``base_layer(x)``, which works on every base.
+        """
+        from lorafam.quant import dequantized_weight
+
+        return dequantized_weight(self.base_layer)
+
+    def set_base_weight(self, value: torch.Tensor) -> None:
+        """Overwrite W (e.g. PiSSA's residual); a quantized base re-quantizes it with its own settings."""
+        from lorafam.quant import set_weight
+
+        set_weight(self.base_layer, value)
+
     def delta_weight(self) -> torch.Tensor:
         """The update to the base weight, shape (out, in), in the base weight's dtype."""
         raise NotImplementedError
 
     def merged(self) -> nn.Linear:
-        """A plain ``nn.Linear`` computing what this layer computes. Default: W + delta weight."""
-        weight = self.base_layer.weight
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.base_layer.bias is not None)
+        """A plain ``nn.Linear`` computing what this layer computes. Default: W + delta weight.
+
+        On a quantized base W is the dequantized weight the adapter was trained against, and the
+        merged layer is float (the dtype the base was quantized from).
+        """
+        weight = self.base_weight()
+        bias = self.base_layer.bias
+        linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None)
         linear.to(device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             linear.weight.copy_(weight + self.delta_weight().to(weight.dtype))
-            if self.base_layer.bias is not None:
-                linear.bias.copy_(self.base_layer.bias)
+            if bias is not None:
+                linear.bias.copy_(bias.to(weight.dtype))
         return linear
 
     def adapter_named_tensors(self) -> dict[str, torch.Tensor]:
@@ -114,8 +139,14 @@ class Variant:
     paper: ClassVar[str] = ""
     #: The ``peft_type`` written to adapter_config.json; None where PEFT has no such method.
     peft_type: ClassVar[str | None] = None
-    #: True where the method can run on a 4-bit quantized base (it never writes into W).
+    #: True where the method can run on a 4-bit quantized base (it never writes into W). Layers
+    #: that need W itself get it dequantized from ``AdapterLayer.base_weight()``.
     supports_quantized_base: ClassVar[bool] = True
+    #: Why not, when ``supports_quantized_base`` is False: shown in the recipe-load error.
+    quantized_base_reason: ClassVar[str] = (
+        "it updates the base weights W in place during training, and a quantized base cannot hold "
+        "such small updates"
+    )
 
     def __init__(self, config: AdapterConfig):
         self.config = config
@@ -143,7 +174,10 @@ class Variant:
         paths = find_targets(model, self.config.target_modules, head_modules)
         for path in paths:
             parent, attr = _parent_of(model, path)
-            layer = self.make_layer(getattr(parent, attr), path)
+            base_layer = getattr(parent, attr)
+            layer = self.make_layer(base_layer, path)
+            # New modules start in train mode; follow the model's mode so dropout is off in eval.
+            layer.train(base_layer.training)
             setattr(parent, attr, layer)
             self.layers[path] = layer
         self.attach(model)
@@ -159,6 +193,18 @@ class Variant:
                 p.requires_grad_(True)
             self.saved_modules[path] = module
         return self
+
+    # ----------------------------------------------------------------------------------------------
+    # Before training: a variant that decides its structure from a preliminary run (LoRA-drop)
+    # does it here. ``fit(dataset, steps, phase)`` runs the one training loop on ``dataset`` (rows
+    # already tokenized) for ``steps`` optimizer steps (None: one pass) over this variant's current
+    # parameters, and returns the loop's TrainResult.
+    def prepare(self, fit: Callable[[Any, int | None, str], Any], train_data: Any, seed: int) -> dict[str, Any]:
+        """Returns facts to record in run.json (e.g. importances). Default: nothing to do."""
+        return {}
+
+    def restore(self, prepared: dict[str, Any]) -> None:
+        """Rebuild the structure ``prepare`` chose (from run.json) before loading saved weights."""
 
     # ----------------------------------------------------------------------------------------------
     # Training hooks, called by the trainer in this order each optimizer step:
@@ -270,10 +316,13 @@ class Variant:
     def write_artifacts(self, folder: Path) -> list[Path]:
         """Extra files for the finished run folder (e.g. AdaLoRA's rank plot). Default: none."""
         return []
+
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameter counts of the adapted model."""
+        from lorafam.quant import parameter_count
+
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.model.parameters())
+        total = sum(parameter_count(p) for p in self.model.parameters())
         return trainable, total
 
 

@@ -1,8 +1,14 @@
-"""LoRA (Hu et al., 2021, arXiv:2106.09685), with rsLoRA scaling (Kalajdzievski, 2023, arXiv:2312.03732).
+"""LoRA (Hu et al., 2021, arXiv:2106.09685), with rsLoRA scaling (Kalajdzievski, 2023, arXiv:2312.03732)
+and PiSSA initialization (Meng et al., 2024, arXiv:2404.02948).
 
 h = W0 x + (alpha / r) * B A x, A: r x in, B: out x r. B starts at zero so the model starts as the
 base. ``rslora: true`` scales by alpha / sqrt(r) instead, which keeps the update's magnitude stable as
 r grows.
+
+``init: pissa`` starts A, B from W0's top-r singular triplets and trains them on top of the frozen
+residual W0 - s B0 A0 (same output at init, but the principal directions learn). The base weight is
+changed, so the adapter is saved as a plain rank-2r LoRA on the *original* W0, as PEFT does with
+``path_initial_model_for_weight_conversion``: W0 + s [B, -B0] [A; A0] = W_res + s B A.
 """
 
 from __future__ import annotations
@@ -15,15 +21,18 @@ from pydantic import Field
 from torch import nn
 
 from lorafam.adapters.base import AdapterConfig, AdapterLayer, Variant, dropout_module, kaiming_uniform_
+from lorafam.errors import LorafamError
+from lorafam.quant import dequantized_weight, set_weight
 
 
 class LoRAConfig(AdapterConfig):
     variant: Literal["lora"] = "lora"
     rslora: bool = Field(False, description="Scale by alpha/sqrt(r) instead of alpha/r (rsLoRA).")
-    init: Literal["default", "gaussian"] = Field(
+    init: Literal["default", "gaussian", "pissa"] = Field(
         "default",
         description="default: A Kaiming-uniform, B zero (the paper's reference code); "
-        "gaussian: A ~ N(0, 1/r), B zero.",
+        "gaussian: A ~ N(0, 1/r), B zero; pissa: A, B from the top-r SVD of W, which is replaced by "
+        "its residual (saved as a rank-2r LoRA on the original W).",
     )
 
 
@@ -46,6 +55,67 @@ class LoRALayer(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
+    # ----------------------------------------------------------------------------------------------
+    # PiSSA
+    @property
+    def is_pissa(self) -> bool:
+        return hasattr(self, "pissa_A0")
+
+    @torch.no_grad()
+    def pissa_init(self) -> None:
+        """Top-r SVD of W into A, B (s B A = W's principal part); W becomes the residual.
+
+        Same arithmetic as PEFT's ``pissa_init`` (fp32 SVD, sqrt(S / s) split evenly), so the two give
+        the same factors. A0, B0 are kept as buffers for the rank-2r conversion at save time. On a
+        quantized base the residual is re-quantized (the paper's QPiSSA); the saved rank-2r LoRA is
+        then exact only up to that quantization error, as PEFT warns for the same conversion.
+        """
+        weight = dequantized_weight(self.base_layer)
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise LorafamError(
+                f"adapter.init: pissa needs a float base weight to take its SVD, got {weight.dtype}"
+            )
+        r = self.lora_A.out_features
+        u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
+        root = torch.sqrt(s[:r] / self.scaling)
+        lora_A = root[:, None] * vh[:r]
+        lora_B = u[:, :r] * root
+        self.lora_A.weight.copy_(lora_A)
+        self.lora_B.weight.copy_(lora_B)
+        self.register_buffer("pissa_A0", lora_A.clone())
+        self.register_buffer("pissa_B0", lora_B.clone())
+        set_weight(self.base_layer, weight.float() - self.scaling * lora_B @ lora_A)
+
+    def adapter_named_tensors(self) -> dict[str, torch.Tensor]:
+        out = super().adapter_named_tensors()
+        if self.is_pissa:
+            del out["pissa_A0"], out["pissa_B0"]
+            out["lora_A.weight"] = torch.cat([self.lora_A.weight, self.pissa_A0], dim=0)
+            out["lora_B.weight"] = torch.cat([self.lora_B.weight, -self.pissa_B0], dim=1)
+        return out
+
+    def load_adapter_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if not self.is_pissa:
+            return super().load_adapter_tensors(tensors)
+        tensors = dict(tensors)
+        r = self.lora_A.out_features
+        A_pair, B_pair = tensors.pop("lora_A.weight").float(), tensors.pop("lora_B.weight").float()
+        A0, B0 = A_pair[r:], -B_pair[:, r:]
+        with torch.no_grad():
+            if not (torch.equal(A0, self.pissa_A0) and torch.equal(B0, self.pissa_B0)):
+                # This W was split differently from the trained one (another SVD implementation, tied
+                # singular values): take the file's principal part out of W instead of ours, so
+                # W_res + s B A is again what was trained. Sign flips alone keep B0 A0 and land here
+                # harmlessly.
+                weight = dequantized_weight(self.base_layer).float()
+                original = weight + self.scaling * self.pissa_B0 @ self.pissa_A0
+                set_weight(self.base_layer, original - self.scaling * B0 @ A0)
+                self.pissa_A0.copy_(A0)
+                self.pissa_B0.copy_(B0)
+            self.lora_A.weight.copy_(A_pair[:r])
+            self.lora_B.weight.copy_(B_pair[:, :r])
+        super().load_adapter_tensors(tensors)
+
 
 class LoRA(Variant):
     name = "lora"
@@ -65,6 +135,9 @@ class LoRA(Variant):
 
     def init_layer(self, layer: LoRALayer) -> None:
         with torch.no_grad():
+            if self.config.init == "pissa":
+                layer.pissa_init()
+                return
             if self.config.init == "gaussian":
                 nn.init.normal_(layer.lora_A.weight, std=1 / self.config.r)
             else:
@@ -73,8 +146,14 @@ class LoRA(Variant):
 
     def peft_config(self, base_model_name: str, task_type: str) -> dict[str, Any]:
         cfg = self.config
+        r, alpha = cfg.r, cfg.alpha
+        if getattr(cfg, "init", "default") == "pissa":
+            # Saved as the rank-2r LoRA [B, -B0][A; A0]: double r and keep alpha/r (or alpha/sqrt(r)
+            # under rsLoRA) unchanged, exactly as PEFT's save_pretrained conversion does.
+            r, alpha = 2 * r, alpha * (2**0.5 if getattr(cfg, "rslora", False) else 2)
         return super().peft_config(base_model_name, task_type) | {
-            "lora_alpha": cfg.alpha,
+            "r": r,
+            "lora_alpha": alpha,
             "lora_dropout": cfg.dropout,
             "use_rslora": getattr(cfg, "rslora", False),
             "use_dora": False,

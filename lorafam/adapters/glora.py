@@ -1,0 +1,223 @@
+"""GLoRA, Generalized LoRA (Chavan et al., 2023, arXiv:2306.07967).
+
+f(x) = (W0 + W0 * A + B) x + W0 C + D * b0 + E + b0, with * elementwise and five support tensors,
+each in a form chosen per layer (the paper's reference code, ViT-Slim/GLoRA/layer.py):
+
+  A, B  (out x in)  lora: Xd @ Xu, (out x r)(r x in) | vector: (out x 1), one value per output row
+                    | constant: one scalar | none
+  C     (in x 1)    lora: Xd @ Xu, (in x r)(r x 1) | vector: (in x 1) | none
+  D, E  (out)       vector | constant | none
+
+Xd starts at zero (Xu Xavier-uniform, as in the reference code) and the other forms at zero, so the
+model starts as the base. Merging is the paper's structural re-parameterization: one weight
+W0 + W0 * A + B and one bias b0 + D * b0 + E + W0 C, a bias the base may not have had.
+
+The paper searches the forms per layer (an evolutionary search over a trained supernet); here the
+recipe states them: ``forms`` for every layer, ``layer_forms`` to override per module-name suffix.
+Tensor names and shapes are PEFT's (``peft.tuners.glora``), and the adapter is written in PEFT's
+format whenever PEFT computes the same function (see ``GLoRA.peft_compatible``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import nn
+
+from lorafam.adapters.base import AdapterConfig, AdapterLayer, Variant
+from lorafam.errors import LorafamError
+
+FormAB = Literal["lora", "vector", "constant", "none"]
+FormC = Literal["lora", "vector", "none"]
+FormDE = Literal["vector", "constant", "none"]
+
+
+class GLoRAForms(BaseModel):
+    """The form of each support tensor. Defaults are PEFT's (the paper has none: it searches them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    A: FormAB = Field("lora", description="Scales W0 elementwise: W0 + W0 * A.")
+    B: FormAB = Field("lora", description="Added to the weight.")
+    C: FormC = Field("lora", description="Adds W0 C to the bias.")
+    D: FormDE = Field("constant", description="Scales the base bias: b0 + D * b0 (no effect without one).")
+    E: FormDE = Field("constant", description="Added to the bias.")
+
+
+class GLoRAConfig(AdapterConfig):
+    variant: Literal["glora"] = "glora"
+    alpha: float = Field(16.0, gt=0, description="Unused: GLoRA's support tensors are not scaled.")
+    forms: GLoRAForms = Field(default_factory=GLoRAForms, description="Forms of A..E for every adapted layer.")
+    layer_forms: dict[str, GLoRAForms] = Field(
+        default_factory=dict,
+        description="Per-layer overrides: module-name suffix (e.g. 'down_proj' or 'layers.0.mlp.up_proj') -> "
+        "forms; unspecified tensors take `forms`. The longest matching suffix wins.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _complete_layer_forms(cls, data: Any) -> Any:
+        # An override names only what changes; fill in the rest from `forms` so that the saved
+        # recipe spells out every layer's forms.
+        if not isinstance(data, dict) or not isinstance(data.get("layer_forms"), dict):
+            return data
+        default = data.get("forms") or {}
+        if isinstance(default, BaseModel):
+            default = default.model_dump()
+        if not isinstance(default, dict):
+            return data
+        layer_forms = {
+            key: {**default, **value} if isinstance(value, dict) else value for key, value in data["layer_forms"].items()
+        }
+        return {**data, "layer_forms": layer_forms}
+
+    @field_validator("dropout")
+    @classmethod
+    def _no_dropout(cls, value: float) -> float:
+        if value > 0:
+            raise ValueError("glora has no dropout (the input meets one merged weight); set adapter.dropout: 0")
+        return value
+
+
+class SupportTensor(nn.Module):
+    """One of A..E in its form: ``lora`` (Xd @ Xu), ``vector`` or ``constant`` (X)."""
+
+    def __init__(self, form: str, shape: tuple[int, ...], r: int, device: torch.device):
+        super().__init__()
+        self.form = form
+        kw = {"device": device, "dtype": torch.float32}  # fp32 whatever the base dtype, as LoRA's factors
+        if form == "lora":
+            self.Xd = nn.Parameter(torch.zeros(shape[0], r, **kw))
+            self.Xu = nn.Parameter(nn.init.xavier_uniform_(torch.empty(r, shape[1], **kw)))
+        elif form == "vector":
+            # A/B/C: a column, broadcast across the input dimension; D/E: a bias-shaped vector.
+            self.X = nn.Parameter(torch.zeros((shape[0], 1) if len(shape) == 2 else shape, **kw))
+        elif form == "constant":
+            self.X = nn.Parameter(torch.zeros(1, **kw))
+        else:
+            raise ValueError(f"unknown GLoRA form {form!r}")
+
+    def forward(self) -> torch.Tensor:
+        if self.form == "lora":
+            return self.Xd @ self.Xu
+        return self.X if self.form == "vector" else self.X[0]
+
+
+class GLoRALayer(AdapterLayer):
+    def __init__(self, base_layer: nn.Linear, forms: GLoRAForms, r: int):
+        super().__init__(base_layer)
+        self.forms = forms
+        out_f, in_f, device = self.out_features, self.in_features, base_layer.weight.device
+        has_bias = base_layer.bias is not None
+
+        def part(form: str, shape: tuple[int, ...]) -> SupportTensor | None:
+            return None if form == "none" else SupportTensor(form, shape, r, device)
+
+        self.glora_A = part(forms.A, (out_f, in_f))
+        self.glora_B = part(forms.B, (out_f, in_f))
+        self.glora_C = part(forms.C, (in_f, 1))
+        # D multiplies b0: without a base bias it has nothing to act on, so it gets no parameters.
+        self.glora_D = part(forms.D, (out_f,)) if has_bias else None
+        self.glora_E = part(forms.E, (out_f,))
+
+    @property
+    def makes_bias(self) -> bool:
+        return self.base_layer.bias is not None or self.glora_C is not None or self.glora_E is not None
+
+    def effective_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W0 + W0 * A + B, b0 + D * b0 + E + W0 C), in fp32; the bias is None when all of it is absent."""
+        w0 = self.base_weight().float()  # dequantized on the fly on a 4-bit base
+        weight = w0
+        if self.glora_A is not None:
+            weight = weight + w0 * self.glora_A()
+        if self.glora_B is not None:
+            weight = weight + self.glora_B()
+        if not self.makes_bias:
+            return weight, None
+        b0 = self.base_layer.bias
+        bias = torch.zeros(self.out_features, device=w0.device) if b0 is None else b0.float()
+        if self.glora_D is not None:
+            bias = bias + b0.float() * self.glora_D()
+        if self.glora_E is not None:
+            bias = bias + self.glora_E()
+        if self.glora_C is not None:
+            bias = bias + (w0 @ self.glora_C()).squeeze(-1)
+        return weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.effective_weight_and_bias()
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    def delta_weight(self) -> torch.Tensor:
+        weight, _ = self.effective_weight_and_bias()
+        w0 = self.base_weight()
+        return (weight - w0.float()).to(w0.dtype)
+
+    def merged(self) -> nn.Linear:
+        weight, bias = self.effective_weight_and_bias()
+        base = self.base_weight()  # float on a quantized base too: the dtype it was quantized from
+        linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None)
+        linear.to(device=base.device, dtype=base.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if bias is not None:
+                linear.bias.copy_(bias)
+        return linear
+
+
+class GLoRA(Variant):
+    name = "glora"
+    Config = GLoRAConfig
+    paper = "Chavan et al., One-for-All: Generalized LoRA for Parameter-Efficient Fine-tuning (arXiv:2306.07967)"
+    peft_type = "GLORA"
+    # W0 * A and W0 C read W0, dequantized on the fly from a 4-bit base (W0 itself is never written).
+    supports_quantized_base = True
+
+    def forms_for(self, path: str) -> GLoRAForms:
+        matches = [k for k in self.config.layer_forms if path == k or path.endswith("." + k)]
+        return self.config.layer_forms[max(matches, key=len)] if matches else self.config.forms
+
+    def make_layer(self, base_layer: nn.Linear, path: str) -> GLoRALayer:
+        return GLoRALayer(base_layer, self.forms_for(path), self.config.r)
+
+    def attach(self, model: nn.Module) -> None:
+        unused = [k for k in self.config.layer_forms if not any(p == k or p.endswith("." + k) for p in self.layers)]
+        if unused:
+            raise LorafamError(
+                f"adapter.layer_forms: {', '.join(map(repr, unused))} matches no adapted layer; keys are "
+                f"module-name suffixes of adapter.target_modules layers, e.g. {next(iter(self.layers))!r}"
+            )
+
+    def peft_compatible(self) -> bool:
+        """True when PEFT's GLoRA computes what this adapter computes, so it may read our file.
+
+        PEFT ties A to B and D to E, uses one set of forms for every layer, and on a layer without a
+        bias drops C, D and E altogether (the paper's code keeps W0 C + E as a new bias).
+        """
+        forms = [layer.forms for layer in self.layers.values()]
+        if any(f != forms[0] for f in forms) or forms[0].A != forms[0].B or forms[0].D != forms[0].E:
+            return False
+        return all(
+            layer.base_layer.bias is not None or (layer.glora_C is None and layer.glora_E is None)
+            for layer in self.layers.values()
+        )
+
+    def peft_config(self, base_model_name: str, task_type: str) -> dict[str, Any]:
+        config = super().peft_config(base_model_name, task_type)
+        if not self.peft_compatible():
+            return config | {
+                "peft_type": "LORAFAM_GLORA",
+                "forms": self.config.forms.model_dump(),
+                "layer_forms": {k: v.model_dump() for k, v in self.config.layer_forms.items()},
+            }
+        forms = self.config.forms
+        return config | {
+            "config_A_B": forms.A,
+            "config_C": forms.C,
+            "config_D_E": forms.D,
+            "bias": "none",
+            "init_weights": True,
+        }

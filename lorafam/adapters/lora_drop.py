@@ -1,0 +1,334 @@
+"""LoRA-drop (Zhou et al., 2024, arXiv:2402.07721): keep LoRA where its output matters, share it elsewhere.
+
+Before the main run (``prepare``):
+
+1. Sample a fraction ``sample_ratio`` of the training data (stratified by class for classification,
+   as in the paper), seeded, and train plain LoRA on every target layer on it for ``sample_steps``.
+2. Importance of layer i: g_i = sum over the sample's real tokens of ||s B_i A_i x_i||^2, the squared
+   norm of the adapter path's output, from real forward passes (eval mode, no grad) with hooks on
+   each B; normalised so the g_i sum to 1.
+3. Keep layers in descending importance until the kept g_i add up to ``threshold``. Every other
+   layer uses one LoRA pair shared by all dropped layers of its (out, in) shape: the same
+   ``nn.Linear`` objects, so one tensor, one gradient, one optimizer state.
+4. Main run: all pairs start fresh (A as in LoRA, B zero), so the model again starts as the base. The
+   sample run only measures importance; the paper then fine-tunes the pruned structure on the full
+   data.
+
+Kept layers save under PEFT's per-layer keys; each shared pair once, under
+``base_model.model.lora_drop_shared.<out>x<in>.lora_{A,B}.weight``. ``restore`` rebuilds the
+sharing from run.json before the weights load. Merging is LoRA's: W + s B A with each layer's own or
+shared pair.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from lorafam.adapters.base import PEFT_PREFIX
+from lorafam.adapters.lora import LoRA, LoRAConfig, LoRALayer
+from lorafam.errors import LorafamError
+
+# Where the shared pairs live in the adapted model: once, at the root, so .to(device) moves them
+# and model.parameters() yields each shared tensor exactly once.
+SHARED_ATTR = "lora_drop_shared"
+SAMPLE_PHASE = "lora-drop-sample"
+IMPORTANCE_BATCH = 8
+
+
+class LoRADropConfig(LoRAConfig):
+    variant: Literal["lora_drop"] = "lora_drop"
+    sample_ratio: float = Field(
+        0.1, description="Fraction of the training data the importance is measured on (paper: 0.1)."
+    )
+    threshold: float = Field(
+        0.9, description="Kept layers cover this share of the total importance; the rest share (paper: 0.9)."
+    )
+    sample_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Optimizer steps of the plain-LoRA run on the sample. Default: one pass over the "
+        "sample at the recipe's batch size.",
+    )
+
+    @field_validator("sample_ratio", "threshold")
+    @classmethod
+    def _in_unit_interval(cls, value: float, info: Any) -> float:
+        if not 0 < value <= 1:
+            meaning, paper = {
+                "sample_ratio": ("the fraction of the training data sampled", 0.1),
+                "threshold": ("the share of total importance the kept layers cover", 0.9),
+            }[info.field_name]
+            raise ValueError(f"must be in (0, 1]: it is {meaning} (paper: {paper})")
+        return value
+
+    @field_validator("init")
+    @classmethod
+    def _no_pissa(cls, value: str) -> str:
+        if value == "pissa":
+            # PiSSA rewrites W from each layer's own SVD: a pair shared across layers cannot do that.
+            raise ValueError("pissa is not available with lora_drop (a shared pair cannot hold each layer's SVD)")
+        return value
+
+
+class SharedLoRA(nn.Module):
+    """One A, B pair used by every dropped layer of one (out, in) shape."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, device: torch.device):
+        super().__init__()
+        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=torch.float32)
+
+
+class LoRADropLayer(LoRALayer):
+    """A LoRA layer whose pair is its own or a shared one (then it owns no adapter tensor)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # A plain attribute, not a submodule: the pair is registered once, on the model root.
+        self.shared: tuple[SharedLoRA, ...] = ()
+
+    def pair(self) -> tuple[nn.Linear, nn.Linear]:
+        owner = self.shared[0] if self.shared else self
+        return owner.lora_A, owner.lora_B
+
+    def use_shared(self, shared: SharedLoRA) -> None:
+        del self.lora_A, self.lora_B
+        self.shared = (shared,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        lora_A, lora_B = self.pair()
+        update = lora_B(lora_A(self.lora_dropout(x.to(lora_A.weight.dtype))))
+        return out + (update * self.scaling).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        lora_A, lora_B = self.pair()
+        return (lora_B.weight @ lora_A.weight) * self.scaling
+
+
+def shape_key(layer: nn.Module) -> str:
+    return f"{layer.out_features}x{layer.in_features}"
+
+
+def select_layers(importance: dict[str, float], threshold: float) -> list[str]:
+    """The most important layers, in descending order, until their importance adds up to ``threshold``."""
+    kept, covered = [], 0.0
+    for path in sorted(importance, key=lambda p: -importance[p]):
+        if covered >= threshold - 1e-9:  # tolerance: importances summing to 1 in floats may give 0.9999...
+            break
+        kept.append(path)
+        covered += importance[path]
+    return kept
+
+
+def sample_indices(train_data: Any, ratio: float, seed: int) -> list[int]:
+    """Seeded sample of ``ratio`` of the rows; per class when rows carry one class label (the paper's
+    stratified sampling), uniform otherwise (causal LM)."""
+    generator = torch.Generator().manual_seed(seed)
+    features = getattr(train_data, "features", None) or {}
+    label_feature = features.get("labels")
+    if label_feature is not None and getattr(label_feature, "dtype", None) == "int64":
+        groups: dict[int, list[int]] = {}
+        for i, label in enumerate(train_data["labels"]):
+            groups.setdefault(int(label), []).append(i)
+    else:
+        groups = {0: list(range(len(train_data)))}
+    chosen: list[int] = []
+    for members in groups.values():
+        n = max(1, math.ceil(ratio * len(members)))
+        order = torch.randperm(len(members), generator=generator)[:n].tolist()
+        chosen.extend(members[j] for j in order)
+    return sorted(chosen)
+
+
+class LoRADrop(LoRA):
+    name = "lora_drop"
+    Config = LoRADropConfig
+    paper = "Zhou et al., LoRA-drop: Efficient LoRA Parameter Pruning based on Output Evaluation (arXiv:2402.07721)"
+    # The shared pairs are not PEFT's layout (PEFT stores one pair per layer).
+    peft_type = None
+
+    def __init__(self, config: LoRADropConfig):
+        super().__init__(config)
+        self.record: dict[str, Any] = {}
+
+    def make_layer(self, base_layer: nn.Linear, path: str) -> LoRADropLayer:
+        layer = LoRADropLayer(base_layer, self.config.r, self.scaling, self.config.dropout)
+        self.init_layer(layer)
+        return layer
+
+    # ----------------------------------------------------------------------------------------------
+    # Before training
+    def prepare(self, fit: Callable[[Any, int, str], Any], train_data: Any, seed: int) -> dict[str, Any]:
+        cfg = self.config
+        sample = train_data.select(sample_indices(train_data, cfg.sample_ratio, seed))
+        result = fit(sample, cfg.sample_steps, SAMPLE_PHASE)  # None: one pass over the sample
+        steps = result.steps
+        importance = self.importance(sample)
+        kept = select_layers(importance, cfg.threshold)
+        before = self.adapter_parameter_count()
+        self.restructure(kept, seed)
+        self.record = {
+            "importance": {p: importance[p] for p in sorted(importance, key=lambda p: -importance[p])},
+            "kept": kept,
+            "shared": self.shared_groups(),
+            "threshold": cfg.threshold,
+            "sample_ratio": cfg.sample_ratio,
+            "sample_size": len(sample),
+            "sample_steps": steps,
+            "seed": seed,
+            "params_before": before,
+            "params_after": self.adapter_parameter_count(),
+        }
+        return self.record
+
+    @torch.no_grad()
+    def importance(self, sample: Any) -> dict[str, float]:
+        """Normalised g_i = sum over the sample's real tokens of ||s B_i A_i x_i||^2 (real forward passes)."""
+        model = self.model
+        device = next(p.device for p in model.parameters())
+        sums = {path: torch.zeros((), dtype=torch.float64, device=device) for path in self.layers}
+        mask: list[torch.Tensor] = []  # the current batch's attention mask, read by the hooks
+
+        def hook(path: str, scaling: float) -> Callable[..., None]:
+            def record(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+                per_token = (output.double() * scaling).pow(2).sum(-1)  # (batch, seq) for transformers
+                sums[path] += (per_token.reshape(-1) * mask[0].reshape(-1).to(per_token.dtype)).sum()
+
+            return record
+
+        handles = [
+            layer.pair()[1].register_forward_hook(hook(path, layer.scaling)) for path, layer in self.layers.items()
+        ]
+        was_training = model.training
+        model.eval()  # no dropout on the adapter input: the importance of what the layer computes
+        try:
+            for start in range(0, len(sample), IMPORTANCE_BATCH):
+                rows = [sample[i] for i in range(start, min(start + IMPORTANCE_BATCH, len(sample)))]
+                input_ids, attention_mask = right_padded(rows, device)
+                mask[:] = [attention_mask]
+                model(input_ids=input_ids, attention_mask=attention_mask)
+        finally:
+            for handle in handles:
+                handle.remove()
+            model.train(was_training)
+        total = sum(float(s) for s in sums.values())
+        if not total > 0:
+            raise LorafamError(
+                "lora_drop: every adapter output on the sample is zero, so no layer is more important than "
+                "another; raise adapter.sample_steps (or train.lr) so the sample run moves B off zero"
+            )
+        return {path: float(s) / total for path, s in sums.items()}
+
+    def restructure(self, kept: list[str], seed: int) -> None:
+        """Fresh pairs: own ones on ``kept`` layers, one shared per (out, in) shape on the others."""
+        generator = torch.Generator().manual_seed(seed)
+        shared = nn.ModuleDict()
+        for path, layer in self.layers.items():
+            if path in kept:
+                self.fresh_pair(layer.lora_A, layer.lora_B, generator)
+                continue
+            key = shape_key(layer)
+            if key not in shared:
+                pair = SharedLoRA(layer.in_features, layer.out_features, self.config.r, layer.lora_A.weight.device)
+                self.fresh_pair(pair.lora_A, pair.lora_B, generator)
+                shared[key] = pair
+            layer.use_shared(shared[key])
+        self.model.register_module(SHARED_ATTR, shared)
+
+    def fresh_pair(self, lora_A: nn.Linear, lora_B: nn.Linear, generator: torch.Generator) -> None:
+        """LoRA's init (A: Kaiming-uniform or N(0, 1/r); B: zero), drawn from ``generator``."""
+        A = torch.empty(lora_A.weight.shape)
+        if self.config.init == "gaussian":
+            nn.init.normal_(A, std=1 / self.config.r, generator=generator)
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+        with torch.no_grad():
+            if lora_A.weight.device.type != "meta":
+                lora_A.weight.copy_(A)
+                lora_B.weight.zero_()
+
+    def restore(self, prepared: dict[str, Any]) -> None:
+        recorded = set(prepared.get("importance", {}))
+        if recorded != set(self.layers):
+            differ = sorted(recorded ^ set(self.layers))
+            raise LorafamError(
+                f"run.json's lora_drop record names other layers than this recipe adapts ({differ[:3]}); "
+                "was adapter.target_modules changed after training?"
+            )
+        self.restructure(list(prepared["kept"]), int(prepared.get("seed", 0)))
+        self.record = dict(prepared)
+
+    # ----------------------------------------------------------------------------------------------
+    # Saving, merging, reporting
+    def shared_groups(self) -> dict[str, list[str]]:
+        groups: dict[str, list[str]] = {}
+        for path, layer in self.layers.items():
+            if layer.shared:
+                groups.setdefault(shape_key(layer), []).append(path)
+        return groups
+
+    def adapter_parameter_count(self) -> int:
+        seen = {id(p): p for layer in self.layers.values() for p in layer.pair()[0].parameters()}
+        seen |= {id(p): p for layer in self.layers.values() for p in layer.pair()[1].parameters()}
+        return sum(p.numel() for p in seen.values())
+
+    def shared_state_dict(self) -> dict[str, torch.Tensor]:
+        shared = getattr(self.model, SHARED_ATTR, None)
+        if shared is None:
+            return {}
+        return {f"{PEFT_PREFIX}{SHARED_ATTR}.{k}": v for k, v in shared.state_dict(keep_vars=True).items()}
+
+    def merge(self) -> nn.Module:
+        model = super().merge()
+        # The merged model is a plain transformers model: no shared pairs left in it.
+        if hasattr(model, SHARED_ATTR):
+            delattr(model, SHARED_ATTR)
+        return model
+
+    def peft_config(self, base_model_name: str, task_type: str) -> dict[str, Any]:
+        rec = self.record
+        return super().peft_config(base_model_name, task_type) | {
+            "lora_drop_kept": rec.get("kept"),
+            "lora_drop_shared": rec.get("shared"),
+        }
+
+    def report(self) -> list[str]:
+        cfg = self.config
+        rec = self.record
+        if not rec:
+            return [
+                f"LoRA-drop: at train time, plain LoRA on a {cfg.sample_ratio:g} sample of the training data, "
+                f"then keep the layers covering {cfg.threshold:g} of the output importance; the others share "
+                "one LoRA per shape"
+            ]
+        before, after = rec["params_before"], rec["params_after"]
+        lines = [
+            f"LoRA-drop: importance from {rec['sample_size']} sampled examples after {rec['sample_steps']} steps; "
+            f"threshold {rec['threshold']:g}",
+            f"kept {len(rec['kept'])} of {len(rec['importance'])} layers with their own LoRA; "
+            + ", ".join(f"{len(paths)} share one {key} pair" for key, paths in rec["shared"].items()),
+            f"adapter params: {before:,} -> {after:,} ({100 * (1 - after / before):.1f}% fewer)",
+            "importance (descending, * = kept):",
+        ]
+        kept = set(rec["kept"])
+        lines += [f"  {'*' if p in kept else ' '} {g:.4f}  {p}" for p, g in rec["importance"].items()]
+        return lines
+
+
+def right_padded(rows: list[dict[str, Any]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask, padded on the right (pads are masked out of the importance)."""
+    longest = max(len(r["input_ids"]) for r in rows)
+    ids = torch.zeros(len(rows), longest, dtype=torch.long)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.as_tensor(list(r["input_ids"]), dtype=torch.long)
+        mask[i, :n] = torch.as_tensor(list(r["attention_mask"]), dtype=torch.long)
+    return ids.to(device), mask.to(device)

@@ -1,0 +1,175 @@
+"""The shared table: every registered variant, on a Llama-style and a BERT-style tiny model.
+
+A new variant is covered here the moment it is registered; its only entry in this file is its
+trainable-parameter formula (the paper's count), which a new variant must add.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_bert_config, tiny_llama_config
+from transformers import BertForSequenceClassification, LlamaForCausalLM
+
+from lorafam.adapters import VARIANTS, build_variant
+from lorafam.adapters.base import PEFT_PREFIX
+from lorafam.modeling import head_modules
+from lorafam.run import load_tensors, save_tensors
+
+R = 4
+
+
+def adapter_config(name: str):
+    return VARIANTS[name].Config(variant=name, r=R, alpha=8, target_modules="all-linear")
+
+
+def make_model(arch: str):
+    torch.manual_seed(0)
+    if arch == "llama":
+        model = LlamaForCausalLM(tiny_llama_config(vocab_size=128))
+        task = "causal-lm"
+    else:
+        model = BertForSequenceClassification(tiny_bert_config(vocab_size=128, num_labels=3))
+        task = "sequence-classification"
+    model.eval()
+    return model, task
+
+
+def inputs(arch: str) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 128, (2, 12), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batch["labels"] = ids.clone() if arch == "llama" else torch.tensor([0, 2])
+    return batch
+
+
+def adapted(name: str, arch: str):
+    model, task = make_model(arch)
+    variant = build_variant(adapter_config(name)).apply(model, head_modules(model, task))
+    return model, variant
+
+
+def perturb(variant) -> None:
+    """Non-zero adapter weights everywhere, so merge and save/load compare something real."""
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for layer in variant.layers.values():
+            for name, p in layer.named_parameters():
+                if not name.startswith("base_layer.") and p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+# The trainable parameters each method adds to one adapted (out x in) linear layer, from its paper.
+def per_layer_params(name: str, cfg, out_f: int, in_f: int, bias: bool = False) -> int:
+    r = cfg.r
+    formulas = {
+        "lora": lambda: r * (in_f + out_f),
+        "lora_plus": lambda: r * (in_f + out_f),  # plain LoRA; only the lrs differ
+        "lora_fa": lambda: out_f * r,  # B only; A is frozen
+        "vera": lambda: r + out_f,  # lambda_d and lambda_b; A and B are frozen and shared
+        "dora": lambda: r * (in_f + out_f) + out_f,  # LoRA + the magnitude vector
+        "delta_lora": lambda: r * (in_f + out_f),  # LoRA; W moves without gradient or optimizer state
+        # default forms A, B: lora; C: lora (in x r, r x 1); D, E: constant (D only with a base bias)
+        "glora": lambda: 2 * r * (in_f + out_f) + r * (in_f + 1) + int(bias) + 1,
+        "adalora": lambda: r * (in_f + out_f) + r,  # P, Q and Lambda at init_r (= r); ranknum is a buffer
+        # before prepare() (this table never calls it) every layer has its own LoRA pair; after it,
+        # tests/test_lora_drop.py counts each shared pair once
+        "lora_drop": lambda: r * (in_f + out_f),
+    }
+    assert name in formulas, f"add {name}'s trainable-parameter formula to tests/test_variants.py"
+    return formulas[name]()
+
+
+ARCHS = ["llama", "bert"]
+NAMES = sorted(VARIANTS)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", NAMES)
+def test_output_equals_base_at_init(name, arch):
+    base, _ = make_model(arch)
+    model, variant = adapted(name, arch)
+    assert variant.layers, "no layer was adapted"
+    batch = inputs(arch)
+    torch.testing.assert_close(logits(model, batch), logits(base, batch), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", NAMES)
+def test_trainable_parameters_match_formula(name, arch):
+    model, variant = adapted(name, arch)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    head = {n for path in variant.saved_modules for n, _ in model.named_parameters() if n.startswith(path + ".")}
+    assert not any("base_layer" in n for n in trainable), "a frozen base weight is trainable"
+    expected = sum(
+        per_layer_params(name, variant.config, l.out_features, l.in_features, l.base_layer.bias is not None)
+        for l in variant.layers.values()
+    )
+    adapter_count = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n not in head)
+    assert adapter_count == expected
+    if arch == "bert":
+        assert head, "the classification head must be trained"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", NAMES)
+def test_save_load_round_trip(name, arch, tmp_path):
+    model, variant = adapted(name, arch)
+    perturb(variant)
+    path = tmp_path / "adapter_model.safetensors"
+    state = variant.adapter_state_dict()
+    assert all(k.startswith("base_model.") for k in state)
+    save_tensors(path, state)
+
+    fresh, fresh_variant = adapted(name, arch)
+    batch = inputs(arch)
+    assert not torch.allclose(logits(fresh, batch), logits(model, batch))
+    fresh_variant.load_adapter_state_dict(load_tensors(path))
+    torch.testing.assert_close(logits(fresh, batch), logits(model, batch), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", NAMES)
+def test_merge_gives_equal_logits(name, arch):
+    model, variant = adapted(name, arch)
+    perturb(variant)
+    batch = inputs(arch)
+    before = logits(model, batch)
+    base, _ = make_model(arch)
+    assert not torch.allclose(before, logits(base, batch), atol=1e-3), "perturbed adapter changes nothing"
+    merged = variant.merge()
+    assert not any("base_layer" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(logits(merged, batch), before, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", NAMES)
+def test_optimizer_steps_lower_the_loss(name, arch):
+    model, variant = adapted(name, arch)
+    model.train()
+    torch.manual_seed(3)
+    optimizer = torch.optim.AdamW(variant.param_groups(lr=1e-2, weight_decay=0.0))
+    batch = inputs(arch)
+    losses = []
+    for step in range(1, 41):
+        loss = model(**batch).loss
+        total = loss + sum(variant.extra_losses().values())
+        total.backward()
+        optimizer.step()
+        variant.after_step(step, 40)
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.97, losses
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_saved_keys_use_peft_layout(name):
+    model, variant = adapted(name, "llama")
+    keys = list(variant.adapter_state_dict())
+    for path in variant.layers:
+        assert any(k.startswith(f"{PEFT_PREFIX}{path}.") for k in keys), path
