@@ -295,7 +295,8 @@ def load_model(cfg: ModelConfig, label_names: list[str] | None = None) -> PreTra
 
     Returned as ``from_pretrained`` returns it (eval mode); the trainer switches modes itself. For
     sequence classification the head is sized to ``label_names`` and freshly initialised when the
-    checkpoint has none (or one of another size).
+    checkpoint has none (or one of another size). With ``cfg.quantization`` the linear layers are
+    bitsandbytes 4-/8-bit and the model is prepared for adapter training (see lorafam.quant).
     """
     path = resolve_model_path(cfg.name)
     config = _config_for(cfg, path, label_names)
@@ -308,6 +309,13 @@ def load_model(cfg: ModelConfig, label_names: list[str] | None = None) -> PreTra
         kwargs["use_safetensors"] = True  # never fall back to a pickle sitting next to it
     if cfg.task == "sequence-classification":
         kwargs["ignore_mismatched_sizes"] = True  # a new label set replaces the checkpoint's head
+    if cfg.quantization is not None:
+        from lorafam.quant import bnb_config, prepare_for_kbit_training
+
+        # transformers keeps the output head (and any tied or last module) unquantized.
+        kwargs["quantization_config"] = bnb_config(cfg)
+        model = _from_source(cfg, path, lambda: _auto_class(cfg.task).from_pretrained(path, **kwargs))
+        return prepare_for_kbit_training(model)
     return _from_source(cfg, path, lambda: _auto_class(cfg.task).from_pretrained(path, **kwargs))
 
 
