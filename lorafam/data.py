@@ -172,10 +172,22 @@ def _no_download_counting() -> Iterator[None]:
     # local file; offline that is a DNS timeout of up to several seconds for nothing.
     before = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS
     datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+    # A file it cannot parse makes datasets log the parser's error on stderr and then raise a
+    # generic one; we report the parser's error ourselves, as the one line the CLI prints.
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         yield
     finally:
         datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = before
+        datasets.logging.set_verbosity(verbosity)
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost cause ("JSON parse error ... in row 1"), not datasets' generic wrapper."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
 
 
 def _load_local(path: Path, source: str, key: str) -> datasets.Dataset:
@@ -189,6 +201,8 @@ def _load_local(path: Path, source: str, key: str) -> datasets.Dataset:
             if path.is_dir():
                 return datasets.load_dataset(str(path), split="train")
             builder = _file_builder(path)
+            if path.stat().st_size == 0:
+                raise LorafamError(f"{key}: {source} is an empty file; it needs one example per row")
             if builder is None:
                 raise LorafamError(
                     f"{key}: {source}: unsupported file type; use .json, .jsonl, .csv or .parquet "
@@ -198,7 +212,7 @@ def _load_local(path: Path, source: str, key: str) -> datasets.Dataset:
     except LorafamError:
         raise
     except Exception as e:
-        raise LorafamError(f"{key}: could not read {source}: {_first_line(e)}") from None
+        raise LorafamError(f"{key}: could not read {source}: {_first_line(_root_cause(e))}") from None
 
 
 # --------------------------------------------------------------------------------------------------

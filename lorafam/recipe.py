@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorafam.adapters import VARIANTS
 from lorafam.errors import LorafamError
@@ -29,6 +29,26 @@ class ModelConfig(Section):
         "float32", description="dtype the base weights are loaded in."
     )
     trust_remote_code: bool = Field(False, description="Run model code from the hub repo (off by default).")
+    quantization: Literal["nf4", "fp4", "int8"] | None = Field(
+        None,
+        description="Load the base quantized with bitsandbytes (QLoRA: nf4); its linear layers are "
+        "frozen 4-/8-bit, the adapter trains in fp32 on top. null: unquantized.",
+    )
+    double_quant: bool | None = Field(
+        None, description="nf4/fp4: also quantize the quantization constants (saves ~0.37 bits/param); default on."
+    )
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="nf4/fp4: dtype the 4-bit weights are dequantized to for each matmul."
+    )
+
+    @model_validator(mode="after")
+    def _quantization_keys(self) -> "ModelConfig":
+        if self.double_quant and self.quantization not in ("nf4", "fp4"):
+            raise ValueError(
+                f"model.double_quant applies to nf4/fp4 quantization only (model.quantization is "
+                f"{self.quantization}); remove it"
+            )
+        return self
 
 
 class DataConfig(Section):
@@ -53,7 +73,11 @@ class TrainConfig(Section):
     schedule: Literal["constant", "linear", "cosine"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "sgd", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = Field(
+        "adamw",
+        description="adamw_8bit / paged_* are bitsandbytes' (8-bit state; paged state spills to CPU "
+        "RAM under GPU memory pressure, CUDA only: on CPU they run unpaged).",
+    )
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables it.")
     seed: int = 42
     mixed_precision: Literal["no", "bf16", "fp16"] | None = Field(
@@ -63,10 +87,23 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1)
     eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps (and always at the end).")
     save_every: int | None = Field(None, ge=1, description="Write a checkpoint every N steps.")
+    keep_last: int | None = Field(3, ge=1, description="Checkpoints kept on disk (the oldest are removed); null keeps all.")
+    resume: Literal["never", "auto"] = Field(
+        "never", description="auto: continue from the run folder's newest complete checkpoint (as --resume)."
+    )
+    on_nan: Literal["stop", "skip"] = Field(
+        "stop", description="A NaN/inf loss or gradient: stop the run, or skip that optimizer step and go on."
+    )
     eval_batch_size: int | None = Field(None, ge=1, description="Defaults to batch_size.")
     eval_max_batches: int | None = Field(None, ge=1, description="Cap eval cost on large eval sets.")
     sample_prompt: str | None = Field(None, description="Causal LMs: generate from this prompt before and after.")
     sample_max_new_tokens: int = Field(40, ge=1)
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `no` as false; that is the "no" mixed precision the user meant.
+        return "no" if value is False else value
 
     @model_validator(mode="before")
     @classmethod
@@ -96,6 +133,15 @@ class Recipe(Section):
         check = getattr(self.adapter, "check_recipe", None)
         if check is not None:
             check(self)
+        variant = VARIANTS[self.adapter.variant]
+        if self.model.quantization is not None and not variant.supports_quantized_base:
+            able = ", ".join(name for name, v in VARIANTS.items() if v.supports_quantized_base)
+            raise ValueError(
+                f"adapter.variant: {variant.name} cannot train on a quantized base "
+                f"(model.quantization: {self.model.quantization}): {variant.quantized_base_reason}; "
+                "set model.quantization: null (model.dtype: bfloat16 halves memory instead), or "
+                f"pick a variant that supports a quantized base: {able}"
+            )
         return self
 
     def to_yaml(self) -> str:

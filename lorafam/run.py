@@ -7,10 +7,10 @@
       run.json                    label names, parameter counts, data report, final metrics
       metrics.jsonl               one JSON object per logged step / eval
       tokenizer files
-      checkpoints/step-NNNNNN/    intermediate checkpoints
+      checkpoints/step-NNNNNN/    intermediate checkpoints (see lorafam.checkpoint)
 
-Every file is written under a temporary name and renamed into place, so a run killed mid-write
-never leaves a truncated file under a real name.
+Every file is written under a temporary name, fsynced and renamed into place, so a run killed
+mid-write never leaves a truncated file under a real name.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -58,6 +59,21 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)  # the rename itself survives a power cut only once the folder is synced
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (renames, new files) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -106,8 +122,12 @@ def is_run_folder(path: Path) -> bool:
     return path.is_dir() and (path / RECIPE_FILE).is_file()
 
 
-def check_output_dir(recipe: Recipe, overwrite: bool) -> Path:
-    """Refuse to mix two different runs in one folder (the user would lose the old one)."""
+def check_output_dir(recipe: Recipe, overwrite: bool, resume: bool = False) -> Path:
+    """Refuse to mix two different runs in one folder (the user would lose the old one).
+
+    A resumed run must have the saved run's recipe exactly (``train.resume`` aside: it says how
+    to start, not what to train).
+    """
     out = Path(recipe.output_dir)
     if out.exists() and not out.is_dir():
         raise LorafamError(f"output_dir {out} is a file; choose a folder path with --set output_dir=...")
@@ -118,12 +138,38 @@ def check_output_dir(recipe: Recipe, overwrite: bool) -> Path:
                 f"output_dir {out} is not empty and holds no lorafam run; choose another with "
                 "--set output_dir=... or pass --overwrite"
             )
-        if saved.read_text() != recipe.to_yaml():
-            raise LorafamError(
-                f"output_dir {out} holds a different run (its recipe.yaml differs); choose another "
-                "with --set output_dir=... or pass --overwrite to replace it"
+        try:
+            saved_raw = yaml.safe_load(saved.read_text())
+        except yaml.YAMLError:
+            saved_raw = None
+        difference = _first_difference(_comparable(saved_raw), _comparable(recipe.model_dump(mode="json")))
+        if difference is not None:
+            fix = (
+                "--resume needs the recipe the run started with; choose another output_dir with --set output_dir=..."
+                if resume
+                else "choose another with --set output_dir=... or pass --overwrite to replace it"
             )
+            raise LorafamError(f"output_dir {out} holds a different run (its recipe.yaml differs at {difference}); {fix}")
     return out
+
+
+def _comparable(raw: Any) -> Any:
+    if isinstance(raw, dict) and isinstance(raw.get("train"), dict):
+        raw = {**raw, "train": {k: v for k, v in raw["train"].items() if k != "resume"}}
+    return raw
+
+
+def _first_difference(saved: Any, current: Any, path: str = "") -> str | None:
+    """The first key path where two recipes differ, with both values; None when equal."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for key in list(saved) + [k for k in current if k not in saved]:
+            found = _first_difference(saved.get(key), current.get(key), f"{path}.{key}" if path else key)
+            if found is not None:
+                return found
+        return None
+    if saved == current:
+        return None
+    return f"{path or 'recipe'}: saved {saved!r}, now {current!r}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,3 +221,11 @@ def adapt(model: torch.nn.Module, recipe: Recipe, heads: list[str], prepared: di
 
 def load_adapter_weights(variant: Variant, folder: Path) -> None:
     variant.load_adapter_state_dict(load_tensors(folder / ADAPTER_WEIGHTS))
+
+
+def read_run_info(folder: Path) -> dict[str, Any]:
+    """run.json of a (possibly unfinished) run folder; empty when absent or unreadable."""
+    try:
+        return json.loads((folder / RUN_INFO).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}

@@ -1,0 +1,192 @@
+"""The `lorafam` command end to end on a tiny local model: train -> run folder -> merge -> eval, inspect.
+
+The train run is a real subprocess (as a user runs it); the commands after it run in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+import yaml
+from safetensors.torch import load_file
+from tinyrun import cli, cli_env, cli_subprocess, make_model_folder, make_text_data, read_metrics, write_recipe
+from transformers import AutoModelForCausalLM
+
+from lorafam.merge import load_adapted
+from lorafam.recipe import apply_override, load_recipe
+from lorafam.run import open_run
+
+COMMANDS = ("train", "merge", "eval", "inspect")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    transformers.utils.logging.disable_progress_bar()
+    yield
+    torch.set_num_threads(threads)
+    transformers.utils.logging.enable_progress_bar()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One `lorafam train` subprocess: 6 steps, a checkpoint every 2, all checkpoints kept."""
+    root = tmp_path_factory.mktemp("e2e")
+    model, data = make_model_folder(root / "model"), make_text_data(root / "train.jsonl")
+    recipe = write_recipe(
+        root / "tiny.yaml", model, data, root / "run", train={"max_steps": 6, "save_every": 2, "keep_last": None}
+    )
+    result = cli_subprocess("train", recipe)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return root, recipe, result
+
+
+def test_help_lists_every_command():
+    result = cli("--help")
+    assert result.exit_code == 0
+    for command in COMMANDS:
+        assert command in result.output
+
+
+def test_python_dash_m_lorafam_works():
+    result = subprocess.run([sys.executable, "-m", "lorafam", "--help"], capture_output=True, text=True, env=cli_env())
+    assert result.returncode == 0, result.stderr
+    assert all(command in result.stdout for command in COMMANDS)
+
+
+def test_train_writes_a_complete_run_folder(trained):
+    root, recipe, result = trained
+    run = root / "run"
+    names = {p.name for p in run.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "recipe.yaml", "run.json", "metrics.jsonl"} <= names
+    assert {"tokenizer.json", "tokenizer_config.json"} <= names
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]  # no temporary leftovers
+
+    steps = [r for r in read_metrics(run) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    for row in steps:
+        assert {"step", "loss", "lr", "tokens_per_s"} <= row.keys()
+        assert row["loss"] > 0 and row["tokens_per_s"] > 0
+    assert any("eval_loss" in r for r in read_metrics(run))
+
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "complete" and info["steps"] == 6 and info["skipped_steps"] == 0
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["output_dir"] == str(run)
+    config = json.loads((run / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+    assert f"saved adapter to {run} (6 steps" in " ".join(result.stdout.split())
+    assert "Traceback" not in result.stderr
+
+
+def test_merge_gives_a_plain_model_with_the_adapted_logits(trained):
+    root, _, _ = trained
+    merged = root / "merged"
+    result = cli("merge", root / "run", "--output", merged)
+    assert result.exit_code == 0, result.output + result.stderr
+    plain = AutoModelForCausalLM.from_pretrained(merged).eval()
+    ids = torch.randint(3, plain.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    adapted, variant = load_adapted(open_run(root / "run"))
+    adapted.eval()
+    assert any(t.abs().max() > 0 for k, t in variant.adapter_state_dict().items() if "lora_B" in k)  # trained
+    with torch.no_grad():
+        diff = (plain(input_ids=ids).logits - adapted(input_ids=ids).logits).abs().max()
+    assert diff < 1e-4
+    assert not any(p.name.endswith(".safetensors") and "adapter" in p.name for p in merged.iterdir())
+
+
+def test_eval_of_run_and_of_merged_model_agree(trained):
+    root, recipe, _ = trained
+    if not (root / "merged").exists():
+        assert cli("merge", root / "run", "--output", root / "merged").exit_code == 0
+    of_run = cli("eval", root / "run", "--json")
+    assert of_run.exit_code == 0, of_run.output + of_run.stderr
+    assert len(of_run.stdout.splitlines()) == 1
+    run_metrics = json.loads(of_run.stdout)
+    of_merged = cli("eval", recipe, "--set", f"model.name={root / 'merged'}", "--json")
+    assert of_merged.exit_code == 0, of_merged.output + of_merged.stderr
+    merged_metrics = json.loads(of_merged.stdout)
+    assert run_metrics["tokens"] == merged_metrics["tokens"] > 0
+    assert abs(run_metrics["loss"] - merged_metrics["loss"]) < 1e-5
+    # and the base model, which the adapter changed
+    of_base = json.loads(cli("eval", recipe, "--json").stdout)
+    assert abs(of_base["loss"] - run_metrics["loss"]) > 1e-5
+
+
+def test_inspect_prints_the_trainable_parameters(trained):
+    root, recipe, _ = trained
+    base = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(root / "model").parameters())
+    # r=4 on q_proj (32 -> 32) and v_proj (32 -> 16: 2 kv heads of 8) in 2 layers.
+    per_layer = {"q_proj": 4 * (32 + 32), "v_proj": 4 * (32 + 16)}
+    for args, trainable in [
+        ([recipe], 2 * sum(per_layer.values())),
+        ([recipe, "--set", "adapter.target_modules=[q_proj]"], 2 * per_layer["q_proj"]),
+        ([root / "run"], 2 * sum(per_layer.values())),
+    ]:
+        result = cli("inspect", *args)
+        assert result.exit_code == 0, result.output + result.stderr
+        total = base + trainable
+        line = f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.4f}%)"
+        assert line in result.output.splitlines()
+
+
+@pytest.mark.parametrize(
+    "item, key, expected",
+    [
+        ("adapter.target_modules=[q_proj,v_proj]", "adapter.target_modules", ["q_proj", "v_proj"]),
+        ("adapter.target_modules=[q_proj, v_proj]", "adapter.target_modules", ["q_proj", "v_proj"]),
+        ("adapter.target_modules=all-linear", "adapter.target_modules", "all-linear"),
+        ("train.lr=1e-4", "train.lr", 1e-4),  # YAML 1.1 reads 1e-4 as a string; the recipe's type makes it a float
+        ("train.max_steps=10", "train.max_steps", 10),
+        ("train.save_every=null", "train.save_every", None),
+        ("model.name=some/hub-id", "model.name", "some/hub-id"),
+    ],
+)
+def test_set_values_are_parsed_as_yaml_then_typed_by_the_recipe(item, key, expected, tmp_path):
+    raw = {"adapter": {"target_modules": ["x"]}, "train": {"save_every": 3}, "model": {"name": "m"}}
+    apply_override(raw, item)
+    section, name = key.split(".")
+    if isinstance(expected, list):
+        assert raw[section][name] == expected  # a YAML list, not the string "[q_proj,v_proj]"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"name": "m"}, "adapter": {"variant": "lora"}, "data": {"train": "d.jsonl"}}))
+    spec = load_recipe(recipe, [item])
+    value = getattr(getattr(spec, section), name)
+    assert value == expected and type(value) is type(expected)
+
+
+def test_bad_rows_are_counted_in_the_summary_and_run_json(tmp_path, trained):
+    root, _, _ = trained
+    rows = [{"text": "the quick brown fox jumps over the lazy dog"}] * 12
+    rows += [{"text": ""}, {"text": 5}, {"text": " ".join(["sun"] * 80)}]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = write_recipe(
+        tmp_path / "r.yaml", root / "model", data, tmp_path / "run",
+        train={"max_steps": 2, "save_every": None}, data_keys={"too_long": "drop", "eval": str(data)},
+    )
+    result = cli("train", recipe)
+    assert result.exit_code == 0, result.output + result.stderr
+    out = " ".join(result.output.split())
+    # train and eval read the same file here: every bad row is counted twice
+    assert "data: text, 12 train / 12 eval examples (dropped too long 2, dropped empty 2, dropped malformed 2)" in out
+    assert "data rows left out or cut: dropped too long 2, dropped empty 2, dropped malformed 2" in out
+    report = json.loads((tmp_path / "run" / "run.json").read_text())["data_report"]
+    assert report == {
+        "read": 30, "kept": 24, "truncated": 0, "dropped_too_long": 2, "dropped_empty": 2, "dropped_malformed": 2
+    }
+
+
+def test_final_adapter_equals_the_last_trained_weights(trained):
+    # The final file is the live adapter after the last step, not a stale checkpoint copy.
+    root, _, _ = trained
+    final = load_file(root / "run" / "adapter_model.safetensors")
+    last_checkpoint = load_file(root / "run" / "checkpoints" / "step-000004" / "adapter_model.safetensors")
+    assert final.keys() == last_checkpoint.keys()
+    assert any(not torch.equal(final[k], last_checkpoint[k]) for k in final)

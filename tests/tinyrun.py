@@ -1,0 +1,124 @@
+"""Tiny local model folders, data files and recipes for tests that run the real `lorafam` CLI.
+
+The model is a 2-layer Llama (hidden 32) over a 40-word vocabulary with a word-level tokenizer, so
+a whole `lorafam train` of a dozen steps runs in about a second in-process. Shared by
+test_resume.py, test_errors.py and test_cli.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from conftest import tiny_llama_config
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from typer.testing import CliRunner
+
+from lorafam.adapters import VARIANTS
+from lorafam.cli import app
+
+WORDS = (
+    "the a quick brown fox jumps over lazy dog cat sat on mat and ran to see big small red blue "
+    "green tree house river sun moon star day night one two three four"
+).split()
+SPECIALS = ["<pad>", "<eos>", "<unk>"]
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {token: i for i, token in enumerate(SPECIALS + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def make_model_folder(folder: Path) -> Path:
+    """A Hugging Face model folder (config, safetensors weights, tokenizer) with random weights."""
+    tokenizer = word_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer)))
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_text_data(path: Path, rows: int = 64, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for _ in range(rows):
+            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14)))}) + "\n")
+    return path
+
+
+# Variant keys that make a 12-step run exercise each variant's own state: AdaLoRA prunes between
+# steps 2 and 10 (its score EMAs matter across a resume), Delta-LoRA's W starts moving at step 3.
+VARIANT_KEYS: dict[str, dict[str, Any]] = {
+    "adalora": {"tinit": 2, "tfinal": 2, "delta_t": 1, "target_r": 2},
+    "delta_lora": {"start_step": 3},
+}
+
+
+def adapter_section(variant: str, dropout: float = 0.1) -> dict[str, Any]:
+    """r=4 on q_proj/v_proj, with adapter dropout where the variant allows it (its RNG must resume)."""
+    section = {"variant": variant, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    section |= VARIANT_KEYS.get(variant, {})
+    try:
+        VARIANTS[variant].Config(**section, dropout=dropout)
+        section["dropout"] = dropout
+    except ValueError:  # pydantic's ValidationError: this variant refuses dropout
+        section["dropout"] = 0.0
+    return section
+
+
+def write_recipe(
+    path: Path,
+    model: Path,
+    data: Path,
+    output_dir: Path,
+    adapter: dict[str, Any] | None = None,
+    train: dict[str, Any] | None = None,
+    data_keys: dict[str, Any] | None = None,
+) -> Path:
+    recipe = {
+        "model": {"name": str(model)},
+        "adapter": adapter or adapter_section("lora"),
+        "data": {"train": str(data), "max_length": 24, "eval_split": 0.125} | (data_keys or {}),
+        "train": {"max_steps": 12, "batch_size": 4, "lr": 1e-2, "log_every": 1, "save_every": 2, "seed": 3}
+        | (train or {}),
+        "output_dir": str(output_dir),
+    }
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def cli(*args: str) -> Any:
+    """`lorafam ARGS` in this process (seconds saved per call over a subprocess)."""
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def cli_env() -> dict[str, str]:
+    # No progress bars: stderr must be exactly the lines under test.
+    return os.environ | {
+        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def cli_subprocess(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m lorafam ARGS` as a user runs it (real stderr, exit code and signals)."""
+    return subprocess.run(
+        [sys.executable, "-m", "lorafam", *map(str, args)],
+        capture_output=True, text=True, env=cli_env(), timeout=timeout,
+    )
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
