@@ -3,8 +3,9 @@
 The layers, saved file and merge are plain LoRA; only the optimizer groups differ. With A and B on one
 learning rate, feature learning in wide models is inefficient; the paper sets lr_B = lr_ratio * lr_A
 (its default ratio is 16). The grouping is PEFT's ``create_loraplus_optimizer``: B and every other
-1-D trainable tensor (biases, norms of saved modules) get ``lr * lr_ratio``; adapters on embeddings
-get ``lr_embedding``; everything else (A, 2-D saved-module weights) gets the base lr.
+1-D trainable tensor (biases, norms of saved modules) get ``lr * lr_ratio``; everything else (A, 2-D
+saved-module weights) gets the base lr. PEFT's separate embedding lr has no counterpart: lorafam
+adapts linear layers only, so there are no embedding adapters for it to apply to.
 """
 
 from __future__ import annotations
@@ -22,9 +23,6 @@ class LoRAPlusConfig(LoRAConfig):
     lr_ratio: float = Field(
         16.0, ge=1.0, description="lr of B (and 1-D trainable tensors) over the base lr; the paper's default is 16."
     )
-    lr_embedding: float = Field(
-        1e-6, gt=0, description="lr for adapters on embedding layers (PEFT's loraplus_lr_embedding default)."
-    )
 
 
 class LoRAPlus(LoRA):
@@ -40,20 +38,11 @@ class LoRAPlus(LoRA):
 
         decay = {n for n in get_parameter_names(self.model, ALL_LAYERNORM_LAYERS) if "bias" not in n}
         b_params = {id(layer.lora_B.weight) for layer in self.layers.values()}
-        embedding_params = {
-            id(p)
-            for layer in self.layers.values()
-            if isinstance(layer.base_layer, nn.Embedding)
-            for p in layer.parameters()
-            if p.requires_grad
-        }
-        groups: dict[str, list[nn.Parameter]] = {"A": [], "embedding": [], "B": [], "B_no_decay": []}
+        groups: dict[str, list[nn.Parameter]] = {"A": [], "B": [], "B_no_decay": []}
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
-            if id(p) in embedding_params:
-                groups["embedding"].append(p)
-            elif id(p) in b_params or p.ndim == 1:
+            if id(p) in b_params or p.ndim == 1:
                 groups["B" if name in decay else "B_no_decay"].append(p)
             else:
                 groups["A"].append(p)
@@ -61,7 +50,6 @@ class LoRAPlus(LoRA):
         fast = lr * cfg.lr_ratio
         candidates = [
             {"params": groups["A"], "lr": lr, "weight_decay": weight_decay},
-            {"params": groups["embedding"], "lr": cfg.lr_embedding, "weight_decay": weight_decay},
             {"params": groups["B"], "lr": fast, "weight_decay": weight_decay},
             {"params": groups["B_no_decay"], "lr": fast, "weight_decay": 0.0},
         ]
