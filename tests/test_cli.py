@@ -11,9 +11,9 @@ import sys
 
 import pytest
 import torch
-import transformers
 import yaml
 from safetensors.torch import load_file
+from tinyrun import one_thread  # noqa: F401  (an autouse fixture, active where imported)
 from tinyrun import cli, cli_env, cli_subprocess, make_model_folder, make_text_data, read_metrics, write_recipe
 from transformers import AutoModelForCausalLM
 
@@ -22,16 +22,6 @@ from lorafam.recipe import apply_override, load_recipe
 from lorafam.run import open_run
 
 COMMANDS = ("train", "merge", "eval", "inspect")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    transformers.utils.logging.disable_progress_bar()
-    yield
-    torch.set_num_threads(threads)
-    transformers.utils.logging.enable_progress_bar()
 
 
 @pytest.fixture(scope="module")

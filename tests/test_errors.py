@@ -15,21 +15,11 @@ from typing import Any
 
 import pytest
 import torch
-import transformers
 import yaml
+from tinyrun import one_thread  # noqa: F401  (an autouse fixture, active where imported)
 from tinyrun import cli, cli_subprocess, make_model_folder, make_text_data, write_recipe
 
 from lorafam.adapters import VARIANTS
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    transformers.utils.logging.disable_progress_bar()  # its bars go to stderr, which must hold one line
-    yield
-    torch.set_num_threads(threads)
-    transformers.utils.logging.enable_progress_bar()
 
 
 @dataclass

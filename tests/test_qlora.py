@@ -13,9 +13,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lorafam.adapters import VARIANTS
 from lorafam.adapters.lora import LoRA
-from lorafam.data import PreparedData, make_collator
+from lorafam.data import PreparedData
 from lorafam.errors import LorafamError
-from lorafam.evaluate import evaluate
 from lorafam.merge import merge_run, merged_model
 from lorafam.modeling import load_model
 from lorafam.optim import make_optimizer

@@ -25,7 +25,8 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
-from tinyrun import (
+from tinyrun import (  # one_thread: an autouse fixture, active where imported
+    one_thread,
     adapter_section,
     cli,
     cli_env,
@@ -46,18 +47,6 @@ STEPS = 12  # tinyrun's recipe: 12 steps, a checkpoint every 2, keep_last 3 (the
 # The variants whose resume the issue names; killed from outside with SIGKILL. Every registered
 # variant gets the in-process interrupt/resume test below.
 SIGKILL_VARIANTS = [v for v in ("lora", "adalora", "delta_lora") if v in VARIANTS]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # A 20k-parameter model is fastest on one thread, and on a busy 2-core CI box two threads
-    # spinning against each other make each run ~10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    transformers.utils.logging.disable_progress_bar()
-    yield
-    torch.set_num_threads(threads)
-    transformers.utils.logging.enable_progress_bar()
 
 
 @pytest.fixture(scope="module")
