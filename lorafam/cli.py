@@ -323,6 +323,16 @@ def flush_denormals() -> None:
     torch.set_flush_denormal(True)
 
 
+def quiet_libraries() -> None:
+    """Our progress bar and lines are the output; the libraries' loading bars are noise here."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
 def main() -> None:
     flush_denormals()
+    quiet_libraries()
     app()

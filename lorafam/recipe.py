@@ -24,7 +24,9 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     name: str = Field(description="Hub id, local folder, or packaged alias (smollm2-135m, minilm-l6).")
-    task: Literal["causal-lm", "sequence-classification"] = "causal-lm"
+    task: Literal["causal-lm", "sequence-classification"] = Field(
+        "causal-lm", description="causal-lm: next-token loss; sequence-classification: a head over labels from the data."
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype the base weights are loaded in."
     )
@@ -69,22 +71,22 @@ class TrainConfig(Section):
     epochs: float | None = Field(None, gt=0, description="Passes over the training data (if max_steps unset).")
     batch_size: int = Field(8, ge=1, description="Examples per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    lr: float = Field(2e-4, gt=0)
-    schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate (variants such as LoRA+ scale it per group).")
+    schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Decay after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0 to lr.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled (AdamW) weight decay.")
     optimizer: Literal["adamw", "sgd", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = Field(
         "adamw",
         description="adamw_8bit / paged_* are bitsandbytes' (8-bit state; paged state spills to CPU "
         "RAM under GPU memory pressure, CUDA only: on CPU they run unpaged).",
     )
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables it.")
-    seed: int = 42
+    seed: int = Field(42, description="Seeds adapter init, the eval split, batch order and dropout.")
     mixed_precision: Literal["no", "bf16", "fp16"] | None = Field(
         None, description="Autocast dtype; null takes it from `accelerate launch`'s config (else no)."
     )
-    gradient_checkpointing: bool = False
-    log_every: int = Field(10, ge=1)
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    log_every: int = Field(10, ge=1, description="Steps between metrics.jsonl rows.")
     eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps (and always at the end).")
     save_every: int | None = Field(None, ge=1, description="Write a checkpoint every N steps.")
     keep_last: int | None = Field(3, ge=1, description="Checkpoints kept on disk (the oldest are removed); null keeps all.")
@@ -97,7 +99,7 @@ class TrainConfig(Section):
     eval_batch_size: int | None = Field(None, ge=1, description="Defaults to batch_size.")
     eval_max_batches: int | None = Field(None, ge=1, description="Cap eval cost on large eval sets.")
     sample_prompt: str | None = Field(None, description="Causal LMs: generate from this prompt before and after.")
-    sample_max_new_tokens: int = Field(40, ge=1)
+    sample_max_new_tokens: int = Field(40, ge=1, description="Length of the generation sample.")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
