@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
+import os
+
+# No test needs a model or dataset hub (CI has none): fail at once instead of after retries. Set
+# before transformers/huggingface_hub are imported, which read these at import time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import importlib.util  # noqa: E402
 from pathlib import Path
 
 import pytest
