@@ -25,24 +25,17 @@ import torch
 from torch import nn
 
 from lorafam.adapters.lora import LoRA, LoRAConfig
+from lorafam.analysis import saved_activation_bytes
 from lorafam.adapters.lora_fa import LoRAFA, LoRAFAConfig
 
 
-def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(x)
-    out.pow(2).mean().backward()  # the graph is complete: B gets its gradients
+def forward_saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Activation bytes one forward keeps for backward (the loss's own ops not counted)."""
+    outputs: list[torch.Tensor] = []
+    kept = saved_activation_bytes(lambda: outputs.append(model(x)), model)
+    outputs[0].pow(2).mean().backward()  # the graph is complete: B gets its gradients
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    return sum(kept.values())
+    return kept
 
 
 def build(kind: str, hidden: int, layers: int) -> nn.Sequential:
@@ -80,7 +73,7 @@ def main() -> None:
                 for layer in variant.layers.values():
                     layer.lora_B.weight.normal_(std=0.01)
             x = torch.randn(args.batch, args.seq, args.hidden)
-            measured[variant_cls.name] = saved_activation_bytes(model, x)
+            measured[variant_cls.name] = forward_saved_bytes(model, x)
         lora, fa = measured["lora"], measured["lora_fa"]
         mib = 2**20
         print(

@@ -12,6 +12,7 @@ from peft.optimizers import create_loraplus_optimizer
 from test_variants import inputs, logits, make_model, perturb
 from torch import nn
 
+from lorafam.analysis import saved_activation_bytes
 from lorafam.adapters import build_variant
 from lorafam.adapters.base import PEFT_PREFIX
 from lorafam.adapters.lora import LoRA, LoRAConfig, LoRALayer
@@ -245,22 +246,6 @@ def test_lora_fa_trains_b_only_and_a_never_moves(arch):
         assert torch.equal(layer.lora_A.weight, initial_A[path])
         assert layer.lora_A.weight.abs().sum() > 0, "A must be a random projection, not zero"
         assert layer.lora_B.weight.abs().sum() > 0, "B did not train"
-
-
-def saved_activation_bytes(fn, module: nn.Module) -> int:
-    """Bytes of the distinct non-parameter storages autograd keeps for backward while ``fn`` runs."""
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(kept.values())
 
 
 @pytest.mark.parametrize("x_requires_grad", [False, True])
