@@ -234,17 +234,21 @@ class Variant:
 
     # ----------------------------------------------------------------------------------------------
     # Saving, loading, merging
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every tensor of the adapter, keyed as PEFT keys them."""
+    def live_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the adapter keyed as PEFT keys them: the live tensors, not copies."""
         out: dict[str, torch.Tensor] = {}
         for path, layer in self.layers.items():
             for name, tensor in layer.adapter_named_tensors().items():
                 out[f"{PEFT_PREFIX}{path}.{name}"] = tensor
         for path, module in self.saved_modules.items():
-            for name, tensor in module.state_dict().items():
+            for name, tensor in module.state_dict(keep_vars=True).items():
                 out[f"{PEFT_PREFIX}{path}.{name}"] = tensor
         out.update(self.shared_state_dict())
-        return {k: v.detach().contiguous() for k, v in out.items()}
+        return out
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """What the adapter file holds: ``live_tensors`` detached (a variant may save another layout)."""
+        return {k: v.detach().contiguous() for k, v in self.live_tensors().items()}
 
     def shared_state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors that belong to no single layer (VeRA's shared projections), with their keys."""
@@ -268,23 +272,11 @@ class Variant:
             keys = {name: f"{PEFT_PREFIX}{path}.{name}" for name in layer.adapter_named_tensors()}
             layer.load_adapter_tensors({name: state[key] for name, key in keys.items()})
             layer_keys.update(keys.values())
-        targets = self._tensor_targets()
+        targets = self.live_tensors()
         with torch.no_grad():
             for key, value in state.items():
                 if key not in layer_keys:
                     targets[key].copy_(value.to(targets[key].dtype))
-
-    def _tensor_targets(self) -> dict[str, torch.Tensor]:
-        """The live tensors behind adapter_state_dict's keys (not detached copies)."""
-        out: dict[str, torch.Tensor] = {}
-        for path, layer in self.layers.items():
-            for name, tensor in layer.adapter_named_tensors().items():
-                out[f"{PEFT_PREFIX}{path}.{name}"] = tensor
-        for path, module in self.saved_modules.items():
-            for name, tensor in module.state_dict(keep_vars=True).items():
-                out[f"{PEFT_PREFIX}{path}.{name}"] = tensor
-        out.update(self.shared_state_dict())
-        return out
 
     def merge(self) -> nn.Module:
         """Replace every adapter layer by a plain linear computing the same function."""
