@@ -5,11 +5,9 @@ Every command turns a LorafamError (bad input) into one line on stderr and exit 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import shlex
-import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable
@@ -44,14 +42,12 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except LorafamError as e:
-            err.print(f"error: {e}", markup=False, soft_wrap=True)
+            # Under a multi-process launch every process meets the same bad input: one line will do.
+            if _is_main_process():
+                err.print(f"error: {e}", markup=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
-
-
-def param_line(trainable: int, total: int) -> str:
-    return f"trainable params: {trainable:,} / {total:,} ({100 * trainable / max(total, 1):.4f}%)"
 
 
 @app.command()
@@ -65,118 +61,24 @@ def train(
     ] = False,
 ) -> None:
     """Fine-tune the recipe's model with its adapter; writes the run folder (output_dir)."""
-    import random
-
-    import torch
-
-    from lorafam.checkpoint import discard_after, find_latest_checkpoint
-    from lorafam.data import prepare_data
-    from lorafam.modeling import head_modules, load_model, load_tokenizer
-    from lorafam.recipe import load_recipe
-    from lorafam.run import ADAPTER_WEIGHTS, CHECKPOINTS, METRICS, RUN_INFO, adapt, check_output_dir, read_run_info
-    from lorafam.run import save_adapter, save_run_files, write_json
+    from lorafam import api
     from lorafam.trainer import TrainingStopped
-    from lorafam.trainer import train as run_training
 
-    spec = load_recipe(recipe, set or [])
-    resume = resume or spec.train.resume == "auto"
-    if resume and overwrite:
-        raise LorafamError("--overwrite starts over and --resume continues: pass one of them")
-    run_dir = check_output_dir(spec, overwrite, resume)
-    resume_command = shlex.join(["lorafam", "train", str(recipe), *(f"--set={item}" for item in set or []), "--resume"])
-    checkpoint, previous = None, {}
-    if resume:
-        previous = read_run_info(run_dir)
-        if previous.get("status") == "complete" and (run_dir / ADAPTER_WEIGHTS).is_file():
-            out.print(f"{run_dir} already holds this run, finished ({previous.get('steps')} steps); nothing to resume", soft_wrap=True)
-            return
-        checkpoint = find_latest_checkpoint(run_dir, lambda line: err.print(line, markup=False, soft_wrap=True))
-        if checkpoint is None:
-            out.print(f"no complete checkpoint in {run_dir / CHECKPOINTS}; starting from step 0", soft_wrap=True)
-    tokenizer = load_tokenizer(spec.model)
-    data = prepare_data(spec.data, tokenizer, spec.model.task, spec.train.seed)
-    # Seeded before anything random (a fresh classification head, the adapter's init), so a run
-    # is a function of its recipe, also when several run in one process.
-    torch.manual_seed(spec.train.seed)
-    random.seed(spec.train.seed)
-    model = load_model(spec.model, data.label_names)
-    variant = adapt(model, spec, head_modules(model, spec.model.task))
-    trainable, total = variant.parameter_counts()
-
-    out.print(f"model {spec.model.name} ({type(model).__name__}) · adapter {variant.name} · {len(variant.layers)} layers adapted")
-    out.print(param_line(trainable, total))
-    out.print(
-        f"data: {data.format}, {len(data.train)} train / {len(data.eval) if data.eval is not None else 0} eval examples"
-        + (f" ({_report_line(data.report)})" if _report_line(data.report) else "")
-    )
-
-    # Everything is validated: only now do we touch the disk.
-    if run_dir.exists() and checkpoint is None:
-        if overwrite:
-            shutil.rmtree(run_dir)
-        else:  # a fresh run of the same recipe: clear the old run's outputs
-            for name in (ADAPTER_WEIGHTS, "adapter_config.json", METRICS):
-                (run_dir / name).unlink(missing_ok=True)
-            shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
-    info: dict[str, Any] = {
-        "label_names": data.label_names,
-        "trainable_params": trainable,
-        "total_params": total,
-        "data_report": data.report,
-        "status": "training",
-    }
-    if checkpoint is not None:
-        info["resumed_from"] = [*previous.get("resumed_from", []), checkpoint.step]
-        discard_after(run_dir, checkpoint.step)
-    save_run_files(run_dir, spec, tokenizer, info)
-
-    def fit(dataset: Any, steps: int | None, phase: str) -> Any:
-        subset = dataclasses.replace(data, train=dataset, eval=None)
-        return run_training(spec, model, variant, tokenizer, subset, run_dir, out, phase=phase, steps=steps)
-
-    if checkpoint is not None and previous.get("prepare"):
-        prepared = previous["prepare"]  # decided before the interruption: rebuild, do not re-decide
-        variant.restore(prepared)
-    else:
-        prepared = variant.prepare(fit, data.train, spec.train.seed)
-    if prepared:
-        info["prepare"] = prepared
-        trainable, total = variant.parameter_counts()
-        info["trainable_params"] = trainable
-        write_json(run_dir / RUN_INFO, info)  # a resumed run rebuilds the same structure from it
-        out.print(param_line(trainable, total) + " (after prepare)")
     try:
-        result = run_training(spec, model, variant, tokenizer, data, run_dir, out, resume=checkpoint)
+        api.train(recipe, set or [], resume=resume, overwrite=overwrite, console=out,
+                  warn=lambda line: err.print(line, markup=False, soft_wrap=True))
     except TrainingStopped as stopped:
-        write_json(run_dir / RUN_INFO, info | {"status": stopped.status, "stopped_at_step": stopped.step})
-        hint = f"; resume with: {resume_command}" if stopped.status == "interrupted" else ""
-        err.print(f"error: {stopped}{hint}", markup=False, soft_wrap=True)
+        command = shlex.join(["lorafam", "train", str(recipe), *(f"--set={item}" for item in set or []), "--resume"])
+        hint = f"; resume with: {command}" if stopped.status == "interrupted" else ""
+        if _is_main_process():
+            err.print(f"error: {stopped}{hint}", markup=False, soft_wrap=True)
         raise typer.Exit(stopped.exit_code) from None
-    save_adapter(run_dir, variant, spec)
-    artifacts = variant.write_artifacts(run_dir)
-    info |= {
-        "status": "complete",
-        "steps": result.steps,
-        "seconds": round(result.seconds, 1),
-        "eval_before": result.eval_before,
-        "eval_after": result.eval_after,
-        "final_train_loss": result.final_train_loss,
-        "sample_before": result.sample_before,
-        "sample_after": result.sample_after,
-        "artifacts": [str(p.relative_to(run_dir)) for p in artifacts],
-        "report": variant.report(),
-        "skipped_steps": result.skipped_steps,
-    }
-    write_json(run_dir / RUN_INFO, info)
-    if result.skipped_steps:
-        out.print(f"skipped {result.skipped_steps} of {result.steps} optimizer steps for a non-finite loss (train.on_nan: skip)", soft_wrap=True)
-    if _report_line(data.report):
-        out.print(f"data rows left out or cut: {_report_line(data.report)} (counts in {run_dir / RUN_INFO})", soft_wrap=True)
-    out.print(f"saved adapter to {run_dir} ({result.steps} steps in {result.seconds:.0f} s)")
 
 
-def _report_line(report: dict[str, int]) -> str:
-    return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in report.items() if k not in ("read", "kept") and v)
+def _is_main_process() -> bool:
+    from lorafam.distributed import rank
+
+    return rank() == 0
 
 
 @app.command()
@@ -209,47 +111,14 @@ def eval_command(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Loss and perplexity (causal LM) or accuracy (classification) on the eval split."""
-    from accelerate import Accelerator
+    from lorafam import api
 
-    from lorafam.data import make_collator, prepare_data
-    from lorafam.evaluate import evaluate
-    from lorafam.merge import load_adapted
-    from lorafam.modeling import load_model, load_tokenizer
-    from lorafam.recipe import load_recipe
-    from lorafam.run import is_run_folder, open_run
-
-    # A folder, or a missing path that is no YAML file, was meant as a run folder: open_run says what is wrong.
-    if is_run_folder(target) or target.is_dir() or (not target.exists() and target.suffix not in (".yaml", ".yml")):
-        run = open_run(target)
-        spec, label_names = run.recipe, run.label_names
-        if set:
-            raise LorafamError("eval RUN_DIR takes no --set: the run's recipe is fixed; eval a recipe instead")
-        model, _ = load_adapted(run)
-        what = f"adapter in {target}"
-    else:
-        spec, label_names = load_recipe(target, set or []), None
-        model = None
-        what = f"base model {spec.model.name}"
-    tokenizer = load_tokenizer(spec.model)
-    data = prepare_data(spec.data, tokenizer, spec.model.task, spec.train.seed, label_names)
-    if data.eval is None:
-        raise LorafamError("the recipe has no eval data: set data.eval or data.eval_split")
-    if model is None:
-        model = load_model(spec.model, data.label_names)
-    # Same device and autocast as training, so the numbers match the eval printed by `train`.
-    accelerator = Accelerator(mixed_precision=spec.train.mixed_precision)
-    if next(model.parameters()).device != accelerator.device:  # (4-bit models refuse .to)
-        model = model.to(accelerator.device)
-    metrics = evaluate(
-        model, data.eval, make_collator(tokenizer, spec.model.task), spec.model.task,
-        spec.train.eval_batch_size or spec.train.batch_size, spec.train.eval_max_batches,
-        accelerator.autocast,
-    )
+    result = api.evaluate(target, set or [])
     if json_output:
-        sys.stdout.write(json.dumps(metrics) + "\n")
+        sys.stdout.write(json.dumps(result.metrics) + "\n")
     else:
-        out.print(f"{what} on {len(data.eval)} eval examples")
-        for key, value in metrics.items():
+        out.print(f"{result.what} on {result.examples} eval examples ({result.precision})")
+        for key, value in result.metrics.items():
             out.print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
 
 
@@ -260,6 +129,7 @@ def inspect(
     set: SetOption = None,
 ) -> None:
     """Adapted modules and trainable parameters, from the model config alone (meta device, no weights)."""
+    from lorafam import api
     from lorafam.modeling import build_meta_model, head_modules
     from lorafam.recipe import load_recipe
     from lorafam.run import adapt, is_run_folder, open_run
@@ -305,7 +175,7 @@ def inspect(
     # A finished run reports what training decided (e.g. final ranks); a recipe, what it plans.
     for line in run_report or variant.report():
         out.print(line, markup=False)
-    out.print(param_line(trainable, total))
+    out.print(api.param_line(trainable, total))
     for line in memory_report:
         out.print(line, markup=False)
 

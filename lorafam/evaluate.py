@@ -10,6 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorafam.distributed import all_reduce_sum
+from lorafam.tasks import Task
+
 
 def iterate_batches(dataset: Any, batch_size: int, collate: Callable, order: list[int] | None = None) -> Iterator[dict]:
     indices = order if order is not None else list(range(len(dataset)))
@@ -19,47 +22,52 @@ def iterate_batches(dataset: Any, batch_size: int, collate: Callable, order: lis
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
+    loss_model: nn.Module,
+    task: Task,
     dataset: Any,
     collate: Callable,
-    task: str,
     batch_size: int,
     max_batches: int | None = None,
     autocast: Callable[[], Any] = nullcontext,
+    process_index: int = 0,
+    num_processes: int = 1,
 ) -> dict[str, float]:
-    """Token-weighted loss (+ perplexity) for causal LMs; example-weighted loss + accuracy for classifiers.
+    """The task's metrics over ``dataset``: token-weighted loss (+ perplexity) for causal LMs,
+    example-weighted loss + accuracy for classifiers.
 
-    The model is put in eval mode for the pass and restored to the mode it had.
+    ``loss_model`` is the task's loss module (``task.loss_module(model)``), so only labelled
+    positions reach the output head. With several processes each takes every ``num_processes``-th
+    batch and the sums are added up; every process runs the same number of forward passes (a
+    process short of batches repeats one with weight 0), as sharded models need. The model is put
+    in eval mode for the pass and restored to the mode it had.
     """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    loss_sum, count, correct = 0.0, 0, 0
+    was_training = loss_model.training
+    loss_model.eval()
+    device = next(loss_model.parameters()).device
+    n_batches = math.ceil(len(dataset) / batch_size)
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    starts = list(range(0, n_batches * batch_size, batch_size))
+    mine = starts[process_index::num_processes]
+    rounds = math.ceil(len(starts) / num_processes)
+    sums = torch.zeros(3, dtype=torch.float64)  # loss sum, label units, correct
     try:
-        for i, batch in enumerate(iterate_batches(dataset, batch_size, collate)):
-            if max_batches is not None and i >= max_batches:
-                break
-            batch = {k: v.to(device) for k, v in batch.items()}
-            labels = batch.pop("labels")
+        for i in range(rounds):
+            counted = i < len(mine)
+            start = mine[i] if counted else starts[0]
+            batch = collate([dataset[j] for j in range(start, min(start + batch_size, len(dataset)))])
             with autocast():
-                logits = model(**batch).logits.float()
-            if task == "causal-lm":
-                shift_logits = logits[:, :-1].reshape(-1, logits.size(-1))
-                shift_labels = labels[:, 1:].reshape(-1)
-                loss_sum += nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum").item()
-                count += int((shift_labels != -100).sum())
-            else:
-                loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-                correct += int((logits.argmax(-1) == labels).sum())
-                count += labels.numel()
+                out = loss_model(**{k: v.to(device) for k, v in batch.items()})
+            if counted:
+                correct = out.get("correct")
+                sums += torch.tensor(
+                    [float(out["loss_sum"]), float(out["count"]), 0.0 if correct is None else float(correct)],
+                    dtype=torch.float64,
+                )
     finally:
-        model.train(was_training)
-    if count == 0:
-        return {"loss": float("nan")}
-    loss = loss_sum / count
-    if task == "causal-lm":
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
-    return {"loss": loss, "accuracy": correct / count, "examples": count}
+        loss_model.train(was_training)
+    all_reduce_sum(sums)
+    return task.metrics(float(sums[0]), int(sums[1]), int(sums[2]))
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from lorafam.errors import LorafamError
+from lorafam.tasks import get_task
 from lorafam.wheels import wheel_folder
 
 if TYPE_CHECKING:
@@ -225,9 +226,7 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def _auto_class(task: str):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    return {"causal-lm": AutoModelForCausalLM, "sequence-classification": AutoModelForSequenceClassification}[task]
+    return get_task(task).auto_class
 
 
 def _read_config(cfg: ModelConfig, path: str) -> PretrainedConfig:
@@ -248,17 +247,7 @@ def _read_config(cfg: ModelConfig, path: str) -> PretrainedConfig:
 def _config_for(cfg: ModelConfig, path: str, label_names: list[str] | None) -> PretrainedConfig:
     config = _read_config(cfg, path)
     _check_task(cfg, config)
-    if cfg.task == "sequence-classification" and label_names is not None:
-        labels = list(label_names)
-        if len(labels) < 2 or len(set(labels)) != len(labels):
-            raise LorafamError(f"data: sequence-classification needs at least 2 distinct labels, got {labels}")
-        config.num_labels = len(labels)
-        config.id2label = dict(enumerate(labels))
-        config.label2id = {label: i for i, label in enumerate(labels)}
-    if cfg.task == "sequence-classification" and getattr(config, "pad_token_id", None) is None:
-        # Decoder classifiers (Llama, GPT-2) pick each row's last non-pad token; without a pad id
-        # they refuse batches larger than one.
-        config.pad_token_id = _pad_token_id(cfg, config)
+    get_task(cfg.task).configure(config, label_names, lambda: _pad_token_id(cfg, config))
     return config
 
 
@@ -306,7 +295,7 @@ def load_model(cfg: ModelConfig, label_names: list[str] | None = None) -> PreTra
     }
     if _is_local(path) and any(Path(path).expanduser().glob("*.safetensors")):
         kwargs["use_safetensors"] = True  # never fall back to a pickle sitting next to it
-    if cfg.task == "sequence-classification":
+    if get_task(cfg.task).sized_head:
         kwargs["ignore_mismatched_sizes"] = True  # a new label set replaces the checkpoint's head
     if cfg.quantization is not None:
         from lorafam.quant import bnb_config, prepare_for_kbit_training
@@ -331,29 +320,9 @@ def build_meta_model(cfg: ModelConfig, label_names: list[str] | None = None) -> 
         )
 
 
-# Output heads of sequence-classification models in transformers, by attribute name.
-_KNOWN_HEADS = ("classifier", "score", "classification_head", "logits_proj")
-
-
 def head_modules(model: nn.Module, task: str) -> list[str]:
     """Names of the classification head's modules, trained in full and saved with the adapter.
 
-    Empty for causal LMs (their LM head stays frozen). For classifiers it is the top-level head
-    (``classifier`` for BERT, ``score`` for Llama, ...), found by name or, failing that, as the
-    top-level linear whose width is the number of labels.
+    Empty for causal LMs (their LM head stays frozen); see ``Task.head_modules``.
     """
-    if task == "causal-lm":
-        return []
-    children = dict(model.named_children())
-    found = [name for name in _KNOWN_HEADS if name in children]
-    if not found:
-        num_labels = getattr(getattr(model, "config", None), "num_labels", None)
-        found = [
-            name for name, m in children.items() if isinstance(m, nn.Linear) and m.out_features == num_labels
-        ]
-    if not found:
-        raise LorafamError(
-            f"cannot find the classification head of this {type(model).__name__}; name it in "
-            "adapter.modules_to_save"
-        )
-    return found
+    return get_task(task).head_modules(model)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lorafam.adapters import VARIANTS
 from lorafam.errors import LorafamError
+from lorafam.tasks import TASKS
 
 
 class Section(BaseModel):
@@ -24,8 +25,8 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     name: str = Field(description="Hub id, local folder, or packaged alias (smollm2-135m, minilm-l6).")
-    task: Literal["causal-lm", "sequence-classification"] = Field(
-        "causal-lm", description="causal-lm: next-token loss; sequence-classification: a head over labels from the data."
+    task: Literal[tuple(TASKS)] = Field(  # type: ignore[valid-type]
+        "causal-lm", description="; ".join(task.description for task in TASKS.values()) + "."
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype the base weights are loaded in."
@@ -82,8 +83,15 @@ class TrainConfig(Section):
     )
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables it.")
     seed: int = Field(42, description="Seeds adapter init, the eval split, batch order and dropout.")
-    mixed_precision: Literal["no", "bf16", "fp16"] | None = Field(
-        None, description="Autocast dtype; null takes it from `accelerate launch`'s config (else no)."
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] | None = Field(
+        "auto",
+        description="Autocast dtype. auto: bf16 where the hardware runs it natively (a bf16 GPU, a CPU "
+        "with AMX or AVX512_BF16), else fp32 (no); fp16 only when asked; null: from `accelerate launch`'s config.",
+    )
+    eval_precision: Literal["fp32", "train"] = Field(
+        "fp32",
+        description="fp32: evaluate without autocast, so numbers compare across runs and precisions; "
+        "train: in the training precision (faster).",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     log_every: int = Field(10, ge=1, description="Steps between metrics.jsonl rows.")

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from lorafam.adapters import Variant, build_variant
 from lorafam.errors import LorafamError
 from lorafam.recipe import Recipe, load_recipe
+from lorafam.tasks import get_task
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -39,7 +40,6 @@ RUN_INFO = "run.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 
-PEFT_TASK_TYPES = {"causal-lm": "CAUSAL_LM", "sequence-classification": "SEQ_CLS"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,7 +106,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 def save_adapter(folder: Path, variant: Variant, recipe: Recipe) -> None:
     """adapter_model.safetensors + adapter_config.json in PEFT's format."""
     save_tensors(folder / ADAPTER_WEIGHTS, variant.adapter_state_dict())
-    config = variant.peft_config(recipe.model.name, PEFT_TASK_TYPES[recipe.model.task])
+    config = variant.peft_config(recipe.model.name, get_task(recipe.model.task).peft_task_type)
     write_json(folder / ADAPTER_CONFIG, config)
 
 

@@ -1,18 +1,29 @@
-"""The training loop: one function, read top to bottom.
+"""The training loop: set-up, one optimizer step, and the loop around it, each read top to bottom.
 
-Per optimizer step: grad-accum micro-steps (forward, task loss + the variant's extra loss terms,
-backward), clip, optimizer step, the variant's step hook, lr schedule, log, eval, checkpoint.
-The variant is reached only through its interface (lorafam.adapters.base.Variant).
+One optimizer step is the mean loss over *all* of that step's label units (tokens whose next token
+is labelled; examples for classifiers), over every micro-batch and every process: the step's units
+are counted before any backward pass and summed across processes, and each micro-batch
+contributes its loss *sum* divided by that total. So batch 8 x 1, batch 4 x grad_accum 2 and
+2 processes x batch 4 train the same adapter up to float rounding, whatever the examples' lengths
+(dividing each micro-batch's *mean* by grad_accum does not: shorter micro-batches would weigh
+more). The variant's own loss terms (AdaLoRA's penalty) are added once per step.
+
+Which examples a step sees depends only on the seed and the step number: each epoch is a seeded
+permutation cut into global batches (batch_size x grad_accum x processes), the last partial one
+dropped; a step's global batch is split across processes, then into micro-batches. A resumed run
+therefore needs nothing but the step to take exactly the batches the uninterrupted run would.
+
+What differs between the main run and a variant's preparatory phase (LoRA-drop's probe run) is
+``Phase``: the main run evaluates, samples, checkpoints and answers signals; a phase does none of it.
 
 Surviving interruptions: a checkpoint holds everything the next step depends on (adapter, variant
-state, optimizer, scheduler, RNG states, data position), so a resumed run takes the same steps an
-uninterrupted one would. SIGINT/SIGTERM stop at the end of the current step with a checkpoint; a
-non-finite loss stops the run (or skips the step, ``train.on_nan: skip``) instead of training on it.
+state, optimizer, scheduler, RNG states), so a resumed run takes the same steps an uninterrupted
+one would. SIGINT/SIGTERM stop at the end of the current step with a checkpoint; a non-finite loss
+stops the run (or skips the step, ``train.on_nan: skip``) instead of training on it.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import signal
@@ -20,8 +31,9 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +45,15 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from lorafam.adapters import Variant
 from lorafam.checkpoint import Checkpoint, checkpoint_name, load_checkpoint, restore_rng, save_checkpoint
 from lorafam.data import PreparedData, make_collator
+from lorafam.distributed import all_reduce_max, all_reduce_sum
+from lorafam.errors import LorafamError
 from lorafam.evaluate import evaluate, generate_sample
+from lorafam.hardware import Precision, check_process_count, choose_precision, use_cpu
 from lorafam.optim import make_optimizer, make_scheduler
 from lorafam.quant import keep_training_layout
 from lorafam.recipe import Recipe
-from lorafam.errors import LorafamError
 from lorafam.run import METRICS, write_text
+from lorafam.tasks import Task, get_task
 
 
 @dataclass
@@ -105,37 +120,235 @@ class StopRequests:
             raise SystemExit(128 + signum)
         self.signum = signum
 
+    def agreed(self) -> int | None:
+        """The signal, once any process got one: every process must stop after the same step."""
+        local = torch.tensor(self.signum or 0)
+        return int(all_reduce_max(local)) or None
+
     def __exit__(self, *exc: Any) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
 
-def total_steps(recipe: Recipe, n_train: int) -> int:
+# --------------------------------------------------------------------------------------------------
+# Which examples each step sees
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """batch_size x grad_accum x processes: how one optimizer step's examples are laid out."""
+
+    batch_size: int
+    grad_accum: int
+    processes: int = 1
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.grad_accum * self.processes
+
+    def steps_per_epoch(self, n_examples: int) -> int:
+        """Whole global batches per pass (the last partial one is dropped); 1 for tiny data."""
+        return max(1, n_examples // self.global_batch)
+
+    def micro_batches(self, n_examples: int, seed: int, step: int, rank: int) -> list[list[int]]:
+        """Example indices of this process's micro-batches in optimizer step ``step`` (1-based)."""
+        epoch, index = divmod(step - 1, self.steps_per_epoch(n_examples))
+        order = _permutation(n_examples, seed + epoch)
+        step_examples = order[index * self.global_batch : (index + 1) * self.global_batch]
+        per_process = self.batch_size * self.grad_accum
+        mine = step_examples[rank * per_process : (rank + 1) * per_process]
+        batches = [mine[i * self.batch_size : (i + 1) * self.batch_size] for i in range(self.grad_accum)]
+        # Fewer examples than one global batch (a small preparatory sample): fewer micro-batches,
+        # possibly none for this process (see Session.batches).
+        return [b for b in batches if b]
+
+
+@lru_cache(maxsize=2)
+def _permutation(n: int, seed: int) -> tuple[int, ...]:
+    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist())
+
+
+def layout_of(recipe: Recipe, processes: int = 1) -> BatchLayout:
+    return BatchLayout(recipe.train.batch_size, recipe.train.grad_accum, processes)
+
+
+def total_steps(recipe: Recipe, n_train: int, processes: int = 1) -> int:
     cfg = recipe.train
     if cfg.max_steps is not None:
         return cfg.max_steps
-    batches_per_epoch = math.ceil(n_train / cfg.batch_size)
-    return max(1, math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum))
+    return max(1, math.ceil(cfg.epochs * layout_of(recipe, processes).steps_per_epoch(n_train)))
 
 
-def phase_steps(recipe: Recipe, n_examples: int) -> int:
-    """One pass over ``n_examples`` at the recipe's batch size and accumulation."""
-    return max(1, math.ceil(n_examples / (recipe.train.batch_size * recipe.train.grad_accum)))
+def phase_steps(recipe: Recipe, n_examples: int, processes: int = 1) -> int:
+    """One pass over ``n_examples`` in global batches."""
+    return max(1, math.ceil(n_examples / layout_of(recipe, processes).global_batch))
 
 
-def micro_batch_indices(n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> Iterator[list[int]]:
-    """Endless micro-batches of example indices: a fresh seeded permutation each epoch.
+# --------------------------------------------------------------------------------------------------
+# Set-up
 
-    Deterministic from (seed, epoch), so a resumed run can skip to the exact same position, and each
-    process of a multi-process run takes its own slice of the same permutation.
+
+@dataclass(frozen=True)
+class Phase:
+    """The main run, or a variant's preparatory run (``name`` tags its metrics rows)."""
+
+    name: str = "main"
+
+    @property
+    def is_main(self) -> bool:
+        return self.name == "main"
+
+
+def make_accelerator(precision: Precision) -> Accelerator:
+    """The Accelerator for one training phase, on the CPU when there is no accelerator."""
+    accelerator = Accelerator(mixed_precision=precision.mixed_precision, cpu=use_cpu())
+    check_process_count(accelerator.num_processes)
+    return accelerator
+
+
+@dataclass
+class Session:
+    """Everything one optimizer step needs, built once by ``set_up``."""
+
+    recipe: Recipe
+    task: Task
+    accelerator: Accelerator
+    loss_model: torch.nn.Module  # the task's loss module around the model, as Accelerate prepared it
+    model: torch.nn.Module  # the transformers model itself (generation, saving)
+    variant: Variant
+    optimizer: Any
+    scheduler: Any
+    trainable: list[torch.nn.Parameter]
+    data: PreparedData
+    collate: Any
+    layout: BatchLayout
+    steps: int
+
+    def batches(self, step: int) -> list[tuple[dict[str, torch.Tensor], bool]]:
+        """This process's micro-batches of ``step``, collated and on the device, each with whether
+        it counts. A process left without examples (data smaller than one global batch) still
+        takes part in the step's gradient synchronisation, with one example that counts for 0."""
+        seed, rank = self.recipe.train.seed, self.accelerator.process_index
+        indices = self.layout.micro_batches(len(self.data.train), seed, step, rank)
+        counted = [(idx, True) for idx in indices] or [(self.layout.micro_batches(len(self.data.train), seed, step, 0)[0][:1], False)]
+        device = self.accelerator.device
+        return [
+            ({k: v.to(device) for k, v in self.collate([self.data.train[i] for i in idx]).items()}, counts)
+            for idx, counts in counted
+        ]
+
+
+def set_up(
+    recipe: Recipe, model: torch.nn.Module, variant: Variant, tokenizer: Any, data: PreparedData,
+    phase: Phase, steps: int | None, accelerator: Accelerator,
+) -> Session:
+    cfg = recipe.train
+    task = get_task(recipe.model.task)
+    layout = layout_of(recipe, accelerator.num_processes)
+    if steps is None:  # a preparatory phase without a step count makes one pass over its data
+        n = len(data.train)
+        steps = total_steps(recipe, n, layout.processes) if phase.is_main else phase_steps(recipe, n, layout.processes)
+    # bitsandbytes would repack 4-bit weights for CPU inference on the first eval pass, after which
+    # backward passes no gradient through them (lorafam.quant.keep_training_layout). A no-op walk
+    # over the modules when the base is not quantized.
+    keep_training_layout(model)
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing works with a frozen embedding (no need to force input grads).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = make_optimizer(variant.param_groups(cfg.lr, cfg.weight_decay), cfg)
+    # A short preparatory phase gets a warmup in proportion, or its first steps would run at lr ~0.
+    warmup = None if phase.is_main else min(cfg.warmup_steps, steps // 10)
+    scheduler = make_scheduler(optimizer, cfg, steps, warmup=warmup)
+    # The scheduler stays outside Accelerate: prepared, it would step once per process per
+    # optimizer step (it assumes each process's data loader is a shard of one epoch), silently
+    # shortening the schedule under several processes.
+    loss_model, optimizer = accelerator.prepare(task.loss_module(model), optimizer)
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    return Session(
+        recipe, task, accelerator, loss_model, model, variant, optimizer, scheduler, trainable, data,
+        make_collator(tokenizer, recipe.model.task), layout, steps,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# One optimizer step
+
+
+@dataclass
+class StepOutcome:
+    loss: float  # mean over the step's label units, all processes
+    extras: dict[str, float]  # the variant's loss terms
+    hook_logs: dict[str, float]  # what the variant's after_step returned
+    tokens: int  # input tokens processed by all processes
+    nonfinite: str | None  # why the step was not taken, if it was not
+
+
+def optimizer_step(s: Session, step: int, skip_nonfinite: bool) -> StepOutcome:
+    """Micro-batches (forward, backward), clip, optimizer step, the variant's hook, lr schedule.
+
+    With a non-finite loss or gradient the optimizer step is not taken; ``skip_nonfinite`` says
+    whether the loop goes on (then the schedules still advance) or stops, leaving the state as it
+    was before this step.
     """
-    epoch = 0
-    while True:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        order = order[rank::world]
-        for start in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
-            yield order[start : start + batch_size]
-        epoch += 1
+    accelerator, task = s.accelerator, s.task
+    micro_batches = s.batches(step)
+    # Count first: each micro-batch's backward must already know the whole step's denominator.
+    local_units = sum(task.label_count(b) for b, counts in micro_batches if counts)
+    total_units = float(all_reduce_sum(torch.tensor(float(local_units), dtype=torch.float64)))
+    # Every process's gradients are averaged by data parallelism, hence the process count.
+    weight = accelerator.num_processes / total_units if total_units > 0 else 0.0
+
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    tokens = 0
+    extras: dict[str, torch.Tensor] = {}
+    for i, (batch, counts) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        # Gradients are synchronised across processes on the last micro-batch only.
+        sync = nullcontext() if last else accelerator.no_sync(s.loss_model)
+        with sync, accelerator.autocast():
+            out = s.loss_model(**batch)
+            objective = out["loss_sum"] * (weight if counts else 0.0)
+            if last:  # the variant's terms belong to the step, not to each micro-batch
+                extras = s.variant.extra_losses()
+                objective = objective + sum(extras.values()) if extras else objective
+            accelerator.backward(objective)
+        if counts:
+            loss_sum += out["loss_sum"].detach().double().cpu()
+            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+    totals = all_reduce_sum(torch.tensor([float(loss_sum), float(tokens)], dtype=torch.float64))
+    loss = float(totals[0]) / total_units if total_units > 0 else 0.0
+    extras_logged = {name: float(value.detach()) for name, value in extras.items()}
+
+    grad_norm = None
+    if s.recipe.train.max_grad_norm is not None:
+        grad_norm = accelerator.clip_grad_norm_(s.trainable, s.recipe.train.max_grad_norm)
+    nonfinite = nonfinite_reason(loss, extras_logged, grad_norm)
+    if nonfinite and not skip_nonfinite:
+        return StepOutcome(loss, extras_logged, {}, int(totals[1]), nonfinite)
+    if nonfinite:  # skip: no update from this batch; the schedules still advance by a step
+        s.optimizer.zero_grad(set_to_none=True)
+    else:
+        s.optimizer.step()
+    hook_logs = s.variant.after_step(step, s.steps)  # it may read the gradients: zero them after
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    return StepOutcome(loss, extras_logged, hook_logs, int(totals[1]), nonfinite)
+
+
+def nonfinite_reason(loss: float, extras: dict[str, float], grad_norm: Any) -> str | None:
+    """What is NaN/inf this step ("loss is nan", ...), or None when all is finite."""
+    if not math.isfinite(loss):
+        return f"loss is {loss}"
+    for name, value in extras.items():
+        if not math.isfinite(value):
+            return f"{name} is {value}"
+    if grad_norm is not None and not math.isfinite(float(grad_norm)):
+        return f"gradient norm is {float(grad_norm)}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
 
 
 def train(
@@ -149,56 +362,53 @@ def train(
     phase: str = "main",
     steps: int | None = None,
     resume: Checkpoint | None = None,
+    precision: Precision | None = None,
 ) -> TrainResult:
     """Train ``variant``'s parameters on ``data.train``.
 
     ``phase`` other than "main" is a variant's preparatory run (see Variant.prepare): same loop,
     its own step count, no eval, samples or checkpoints, metrics rows tagged with the phase.
     ``resume`` continues from a checkpoint (lorafam.checkpoint.find_latest_checkpoint) of this run.
+    Only the main process writes files; every process runs this function.
     Raises TrainingInterrupted on SIGINT/SIGTERM and TrainingDiverged on a non-finite loss.
     """
     cfg = recipe.train
-    task = recipe.model.task
-    main = phase == "main"
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    this = Phase(phase)
+    accelerator = make_accelerator(precision or choose_precision(cfg.mixed_precision))
     torch.manual_seed(cfg.seed)
-    collate = make_collator(tokenizer, task)
-    if steps is None:  # a preparatory phase without a step count makes one pass over its data
-        steps = total_steps(recipe, len(data.train)) if main else phase_steps(recipe, len(data.train))
-    eval_batch = cfg.eval_batch_size or cfg.batch_size
+    try:
+        s = set_up(recipe, model, variant, tokenizer, data, this, steps, accelerator)
+        return _loop(s, this, tokenizer, run_dir, console, resume)
+    finally:
+        accelerator.free_memory()  # drop Accelerate's references: the next phase prepares anew
 
-    # bitsandbytes would repack 4-bit weights for CPU inference on the first eval pass, after which
-    # backward passes no gradient through them (lorafam.quant.keep_training_layout). A no-op walk
-    # over the modules when the base is not quantized.
-    keep_training_layout(model)
-    if cfg.gradient_checkpointing:
-        # Non-reentrant checkpointing works with a frozen embedding (no need to force input grads).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = make_optimizer(variant.param_groups(cfg.lr, cfg.weight_decay), cfg)
-    # A short preparatory phase gets a warmup in proportion, or its first steps would run at lr ~0.
-    scheduler = make_scheduler(optimizer, cfg, steps, warmup=None if main else min(cfg.warmup_steps, steps // 10))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    trainable = [p for g in optimizer.param_groups for p in g["params"]]
-    first_step, micro_batches, last_checkpoint = 1, 0, None
+
+def _loop(s: Session, phase: Phase, tokenizer: Any, run_dir: Path, console: Console, resume: Checkpoint | None) -> TrainResult:
+    cfg, accelerator, steps = s.recipe.train, s.accelerator, s.steps
+    writes = phase.is_main and accelerator.is_main_process
+    first_step, last_checkpoint = 1, None
     if resume is not None:
         if resume.state.get("total_steps") != steps or resume.state.get("processes", 1) != accelerator.num_processes:
             raise LorafamError(
                 f"checkpoint {resume.path} was written for {resume.state.get('total_steps')} steps on "
                 f"{resume.state.get('processes', 1)} process(es); this run has {steps} on {accelerator.num_processes}"
             )
-        load_checkpoint(resume, variant, optimizer, scheduler)
-        first_step, micro_batches, last_checkpoint = resume.step + 1, resume.state["micro_batches"], resume.path
+        load_checkpoint(resume, s.variant, s.optimizer, s.scheduler)
+        first_step, last_checkpoint = resume.step + 1, resume.path
 
     def run_eval() -> dict[str, float] | None:
-        if data.eval is None or not main:
+        if s.data.eval is None or not phase.is_main:
             return None
-        return evaluate(model, data.eval, collate, task, eval_batch, cfg.eval_max_batches, accelerator.autocast)
+        return evaluate(
+            s.loss_model, s.task, s.data.eval, s.collate, cfg.eval_batch_size or cfg.batch_size,
+            cfg.eval_max_batches, eval_autocast(s), accelerator.process_index, accelerator.num_processes,
+        )
 
     def sample() -> str | None:
-        if task != "causal-lm" or not cfg.sample_prompt or not main:
+        if not s.task.token_labels or not cfg.sample_prompt or not phase.is_main:
             return None
         with accelerator.autocast():
-            return generate_sample(accelerator.unwrap_model(model), tokenizer, cfg.sample_prompt, cfg.sample_max_new_tokens)
+            return generate_sample(s.model, tokenizer, cfg.sample_prompt, cfg.sample_max_new_tokens)
 
     if resume is not None:  # what the summary reports from before the interruption
         result = TrainResult(
@@ -221,106 +431,81 @@ def train(
         state = {
             "total_steps": steps,
             "processes": accelerator.num_processes,
-            "micro_batches": micro_batches,
+            "global_batch": s.layout.global_batch,
             "eval_before": result.eval_before,
             "sample_before": result.sample_before,
             "final_train_loss": result.final_train_loss,
             "skipped_steps": result.skipped_steps,
         }
-        return save_checkpoint(run_dir, step, variant, optimizer, scheduler, state, cfg.keep_last)
+        path = run_dir / "checkpoints" / checkpoint_name(step)
+        if accelerator.is_main_process:
+            path = save_checkpoint(run_dir, step, s.variant, s.optimizer, s.scheduler, state, cfg.keep_last)
+        return path
 
-    if main:  # rows past the checkpoint were logged by steps the resumed run takes again
+    if writes:  # rows past the checkpoint were logged by steps the resumed run takes again
         truncate_metrics(run_dir / METRICS, resume.step if resume is not None else 0)
-    metrics_file = (run_dir / METRICS).open("a")
-    batches = micro_batch_indices(len(data.train), cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes)
-    batches = itertools.islice(batches, micro_batches, None)  # the resumed run's exact data position
     progress = make_progress(console, steps)
     task_id = progress.add_task("train", total=steps, completed=first_step - 1, loss=float("nan"), lr=cfg.lr, tps=0.0)
     start, window_tokens, window_start = time.perf_counter(), 0, time.perf_counter()
-    model.train()
+    s.loss_model.train()
     if resume is not None:
         restore_rng(resume)  # last, so nothing between here and the first step draws from it
-    with progress, (StopRequests() if main else nullcontext()) as stop:
+    with metrics_log(run_dir / METRICS, writes) as metrics, progress, (StopRequests() if phase.is_main else nullcontext()) as stop:
         for step in range(first_step, steps + 1):
-            # --- grad-accum micro-steps. DDP syncs gradients only on the last one (no_sync before).
-            step_loss, extras_logged = 0.0, {}
-            for micro in range(cfg.grad_accum):
-                batch = collate([data.train[i] for i in next(batches)])
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext()
-                with sync, accelerator.autocast():
-                    loss = model(**batch).loss
-                    extras = variant.extra_losses()
-                    total = loss + sum(extras.values()) if extras else loss
-                    accelerator.backward(total / cfg.grad_accum)
-                step_loss += loss.item() / cfg.grad_accum
-                for name, value in extras.items():
-                    extras_logged[name] = extras_logged.get(name, 0.0) + value.item() / cfg.grad_accum
-                window_tokens += int(batch["attention_mask"].sum())
-            micro_batches += cfg.grad_accum
-
-            # --- optimizer step, then the variant's hook (it may read gradients: zero them after).
-            grad_norm = None
-            if cfg.max_grad_norm is not None:
-                grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-            nonfinite = nonfinite_reason(step_loss, extras_logged, grad_norm)
-            if nonfinite and cfg.on_nan == "stop":
+            outcome = optimizer_step(s, step, skip_nonfinite=cfg.on_nan == "skip")
+            if outcome.nonfinite and cfg.on_nan == "stop":
                 where = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else (
                     "no checkpoint was written yet" + ("" if cfg.save_every else " (train.save_every is not set)")
                 )
-                metrics_file.close()
                 raise TrainingDiverged(
-                    f"{nonfinite} at step {step}/{steps}; stopped before the optimizer step (train.on_nan: stop); "
+                    f"{outcome.nonfinite} at step {step}/{steps}; stopped before the optimizer step (train.on_nan: stop); "
                     f"{where}; lower train.lr, check the data, or set train.on_nan: skip",
                     step, last_checkpoint,
                 )
-            if nonfinite:  # skip: no update from this batch; the schedules still advance by a step
-                optimizer.zero_grad(set_to_none=True)
+            if outcome.nonfinite:
                 result.skipped_steps += 1
-                console.print(f"step {step}: {nonfinite}; optimizer step skipped (train.on_nan: skip)", soft_wrap=True)
+                console.print(f"step {step}: {outcome.nonfinite}; optimizer step skipped (train.on_nan: skip)", soft_wrap=True)
             else:
-                optimizer.step()
-            hook_logs = variant.after_step(step, steps)
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+                result.final_train_loss = outcome.loss
 
             # --- log
-            lr = optimizer.param_groups[0]["lr"]
+            window_tokens += outcome.tokens
+            lr = s.optimizer.param_groups[0]["lr"]
             elapsed = time.perf_counter() - window_start
             tokens_per_s = window_tokens / elapsed if elapsed > 0 else 0.0
-            progress.update(task_id, advance=1, loss=step_loss, lr=lr, tps=tokens_per_s)
-            if not nonfinite:
-                result.final_train_loss = step_loss
-            if step % cfg.log_every == 0 or step == steps or nonfinite:
-                row = {"step": step, "loss": None if nonfinite else step_loss, "lr": lr, "tokens_per_s": tokens_per_s}
-                row |= {"skipped": True} if nonfinite else {}
-                row |= {} if main else {"phase": phase}
-                row |= {k: v for k, v in extras_logged.items()} | hook_logs
-                write_metrics(metrics_file, row)
+            progress.update(task_id, advance=1, loss=outcome.loss, lr=lr, tps=tokens_per_s)
+            if step % cfg.log_every == 0 or step == steps or outcome.nonfinite:
+                row = {"step": step, "loss": None if outcome.nonfinite else outcome.loss, "lr": lr, "tokens_per_s": tokens_per_s}
+                row |= {"skipped": True} if outcome.nonfinite else {}
+                row |= {} if phase.is_main else {"phase": phase.name}
+                row |= outcome.extras | outcome.hook_logs
+                metrics.write(row)
                 result.history.append(row)
                 if not console.is_terminal:
-                    console.print(f"{'' if main else phase + ' '}step {step}/{steps}  loss {step_loss:.4f}  lr {lr:.3g}  tok/s {tokens_per_s:.0f}")
+                    console.print(
+                        f"{'' if phase.is_main else phase.name + ' '}step {step}/{steps}  loss {outcome.loss:.4f}  "
+                        f"lr {lr:.3g}  tok/s {tokens_per_s:.0f}"
+                    )
                 window_tokens, window_start = 0, time.perf_counter()
 
             # --- eval and checkpoint
             if cfg.eval_every and step % cfg.eval_every == 0 and step != steps:
-                metrics = run_eval()
-                if metrics:
-                    write_metrics(metrics_file, {"step": step} | {f"eval_{k}": v for k, v in metrics.items()})
-                    console.print(f"step {step} eval: {format_metrics(metrics)}")
-            if main and cfg.save_every and step % cfg.save_every == 0 and step != steps:
+                evaluated = run_eval()
+                if evaluated:
+                    metrics.write({"step": step} | {f"eval_{k}": v for k, v in evaluated.items()})
+                    console.print(f"step {step} eval: {format_metrics(evaluated)}")
+            if phase.is_main and cfg.save_every and step % cfg.save_every == 0 and step != steps:
                 last_checkpoint = checkpoint(step)
-            if stop is not None and stop.signum is not None:
+            signum = stop.agreed() if stop is not None else None
+            if signum is not None:
                 if last_checkpoint is None or last_checkpoint.name != checkpoint_name(step):
                     last_checkpoint = checkpoint(step)
-                metrics_file.close()
-                raise TrainingInterrupted(stop.signum, step, last_checkpoint)
+                raise TrainingInterrupted(signum, step, last_checkpoint)
 
-    result.eval_after = run_eval()
-    if result.eval_after:
-        write_metrics(metrics_file, {"step": steps} | {f"eval_{k}": v for k, v in result.eval_after.items()})
-        console.print(f"eval after:  {format_metrics(result.eval_after)}")
-    metrics_file.close()
+        result.eval_after = run_eval()
+        if result.eval_after:
+            metrics.write({"step": steps} | {f"eval_{k}": v for k, v in result.eval_after.items()})
+            console.print(f"eval after:  {format_metrics(result.eval_after)}")
     result.sample_after = sample()
     if result.sample_after is not None:
         console.print(f"sample after: {result.sample_after!r}")
@@ -328,16 +513,34 @@ def train(
     return result
 
 
-def nonfinite_reason(loss: float, extras: dict[str, float], grad_norm: Any) -> str | None:
-    """What is NaN/inf this step ("loss is nan", ...), or None when all is finite."""
-    if not math.isfinite(loss):
-        return f"loss is {loss}"
-    for name, value in extras.items():
-        if not math.isfinite(value):
-            return f"{name} is {value}"
-    if grad_norm is not None and not math.isfinite(float(grad_norm)):
-        return f"gradient norm is {float(grad_norm)}"
-    return None
+def eval_autocast(s: Session) -> Any:
+    """Eval runs in fp32 unless the recipe asks for the training precision (``train.eval_precision``):
+    a bf16 eval moves the loss by as much as the gap between some variants."""
+    return s.accelerator.autocast if s.recipe.train.eval_precision == "train" else nullcontext
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics file and progress
+
+
+class _MetricsLog:
+    def __init__(self, handle: Any):
+        self.handle = handle
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.handle is not None:
+            write_metrics(self.handle, row)
+
+
+@contextmanager
+def metrics_log(path: Path, writes: bool) -> Iterator[_MetricsLog]:
+    """metrics.jsonl opened for appending (closed on every path out), or a sink where this process
+    or phase writes no files."""
+    if not writes:
+        yield _MetricsLog(None)
+        return
+    with path.open("a") as handle:
+        yield _MetricsLog(handle)
 
 
 def truncate_metrics(path: Path, through_step: int) -> None:

@@ -353,18 +353,19 @@ def test_diverging_run_stops_naming_the_step_and_last_good_checkpoint(tmp_path, 
 
 
 def test_nan_loss_stops_the_run(tmp_path, assets, monkeypatch):
-    # NaN injected into the model's loss on the 5th training forward (step 5: grad_accum is 1).
-    forward, calls = transformers.LlamaForCausalLM.forward, []
+    # NaN injected into the model's hidden states on the 5th training forward (step 5: grad_accum
+    # is 1), so the loss computed from them is NaN.
+    forward, calls = transformers.LlamaModel.forward, []
 
     def nan_on_fifth(self, *args, **kwargs):
         out = forward(self, *args, **kwargs)
         if self.training:
             calls.append(1)
             if len(calls) == 5:
-                out.loss = out.loss * float("nan")
+                out.last_hidden_state = out.last_hidden_state * float("nan")
         return out
 
-    monkeypatch.setattr(transformers.LlamaForCausalLM, "forward", nan_on_fifth)
+    monkeypatch.setattr(transformers.LlamaModel, "forward", nan_on_fifth)
     run_dir = tmp_path / "run"
     result = cli("train", recipe_for(tmp_path, assets))
     assert result.exit_code == 1

@@ -54,9 +54,18 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
+# A chat template over the word vocabulary: roles and markers outside it become <unk>, which is
+# fine for a template (it is never trained), and each turn ends with <eos>.
+WORD_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <eos> {% endfor %}"
+    "{% if add_generation_prompt %}assistant : {% endif %}"
+)
+
+
 def make_model_folder(folder: Path) -> Path:
     """A Hugging Face model folder (config, safetensors weights, tokenizer) with random weights."""
     tokenizer = word_tokenizer()
+    tokenizer.chat_template = WORD_CHAT_TEMPLATE
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer)))
     model.config.eos_token_id = tokenizer.eos_token_id
@@ -70,6 +79,20 @@ def make_text_data(path: Path, rows: int = 64, seed: int = 0) -> Path:
     with path.open("w") as f:
         for _ in range(rows):
             f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14)))}) + "\n")
+    return path
+
+
+def make_chat_data(path: Path, rows: int = 64, seed: int = 0) -> Path:
+    """User/assistant pairs of very different lengths, so micro-batches differ in label tokens."""
+    rng = random.Random(seed)
+
+    def words(low: int, high: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+
+    with path.open("w") as f:
+        for _ in range(rows):
+            messages = [{"role": "user", "content": words(2, 12)}, {"role": "assistant", "content": words(1, 14)}]
+            f.write(json.dumps({"messages": messages}) + "\n")
     return path
 
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from lorafam.adapters.base import PEFT_PREFIX
 from lorafam.adapters.lora import LoRA, LoRAConfig, LoRALayer
+from lorafam.distributed import all_reduce_sum, rank, world_size
 from lorafam.errors import LorafamError
 
 # Where the shared pairs live in the adapted model: once, at the root, so .to(device) moves them
@@ -190,7 +191,13 @@ class LoRADrop(LoRA):
 
     @torch.no_grad()
     def importance(self, sample: Any) -> dict[str, float]:
-        """Normalised g_i = sum over the sample's real tokens of ||s B_i A_i x_i||^2 (real forward passes)."""
+        """Normalised g_i = sum over the sample's real tokens of ||s B_i A_i x_i||^2 (real forward passes).
+
+        Under several processes each takes every N-th batch of the sample and the sums are added
+        across processes before normalising, so every process keeps the same layers. Every process
+        runs the same number of forward passes (sharded models need that): one short of batches
+        repeats one whose tokens are masked out.
+        """
         model = self.model
         device = next(p.device for p in model.parameters())
         sums = {path: torch.zeros((), dtype=torch.float64, device=device) for path in self.layers}
@@ -209,15 +216,20 @@ class LoRADrop(LoRA):
         was_training = model.training
         model.eval()  # no dropout on the adapter input: the importance of what the layer computes
         try:
-            for start in range(0, len(sample), IMPORTANCE_BATCH):
-                rows = [sample[i] for i in range(start, min(start + IMPORTANCE_BATCH, len(sample)))]
+            starts = list(range(0, len(sample), IMPORTANCE_BATCH))
+            mine = starts[rank()::world_size()]
+            for i in range(math.ceil(len(starts) / world_size())):
+                start = mine[i] if i < len(mine) else starts[0]
+                rows = [sample[j] for j in range(start, min(start + IMPORTANCE_BATCH, len(sample)))]
                 input_ids, attention_mask = right_padded(rows, device)
-                mask[:] = [attention_mask]
+                mask[:] = [attention_mask if i < len(mine) else torch.zeros_like(attention_mask)]
                 model(input_ids=input_ids, attention_mask=attention_mask)
         finally:
             for handle in handles:
                 handle.remove()
             model.train(was_training)
+        totals = all_reduce_sum(torch.stack([sums[path] for path in self.layers]))
+        sums = dict(zip(self.layers, totals))
         total = sum(float(s) for s in sums.values())
         if not total > 0:
             raise LorafamError(

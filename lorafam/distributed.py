@@ -1,0 +1,49 @@
+"""The few collective operations lorafam needs, as no-ops on a single process.
+
+Variants use these too (LoRA-drop sums its importance over the processes' shares of the sample),
+so they talk to torch.distributed directly and need no Accelerator at hand.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over every process, in place; returns it."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a sharded DTensor (FSDP2 parameters); other tensors unchanged.
+
+    A collective for DTensors: every process must call it, in the same order.
+    """
+    gather = getattr(tensor, "full_tensor", None)
+    return gather() if gather is not None else tensor

@@ -1,0 +1,107 @@
+"""What this machine runs well: the device, the process count, and the precision to train in.
+
+``train.mixed_precision: auto`` (the default) picks bf16 autocast only where the hardware runs bf16
+natively: a CUDA device that supports it, or a CPU with AMX or AVX512_BF16. Elsewhere bf16 is
+emulated and slower than fp32 (measured on an AVX-512 CPU without AVX512_BF16: a LoRA step 2.9x
+slower under bf16 autocast than in fp32), so auto picks fp32. fp16 is never picked automatically:
+it needs loss scaling and only pays on GPUs without bf16; ask for it with ``fp16``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorafam.errors import LorafamError
+
+#: CPU flags (Linux /proc/cpuinfo names) that mean native bf16 matrix arithmetic.
+NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The autocast mode a run trains in and why: recorded in run.json, printed at start."""
+
+    mixed_precision: str  # "no" | "bf16" | "fp16"
+    requested: str | None
+    reason: str
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {"mixed_precision": self.mixed_precision, "requested": self.requested, "reason": self.reason}
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags, or None where they cannot be read (not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return None
+
+
+def use_cpu() -> bool:
+    """True when no accelerator is available, so Accelerate must be told to run on the CPU.
+
+    Accelerate needs ``cpu=True`` to form a multi-process CPU group (gloo) under torchrun or
+    ``accelerate launch --multi_gpu``; without it each process silently trains alone.
+    """
+    if torch.cuda.is_available():
+        return False
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return False
+    xpu = getattr(torch, "xpu", None)
+    return not (xpu is not None and xpu.is_available())
+
+
+def choose_precision(requested: str | None) -> Precision:
+    """Resolve ``train.mixed_precision``: explicit choices win; ``auto`` asks the hardware;
+    ``None`` takes what ``accelerate launch`` was configured with."""
+    if requested is None:
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        return Precision(launched, None, f"from accelerate launch's config ({launched})")
+    if requested != "auto":
+        return Precision(requested, requested, "set in the recipe")
+    if torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return Precision("bf16", "auto", f"{torch.cuda.get_device_name()} runs bf16 natively")
+        return Precision("no", "auto", "this GPU has no native bf16 (set fp16 to use loss-scaled fp16)")
+    if not use_cpu():
+        return Precision("no", "auto", "bf16 support of this accelerator is not known; fp32")
+    flags = cpu_flags()
+    if flags is None:
+        return Precision("no", "auto", f"CPU features unknown on {platform.system()}; fp32")
+    native = [f for f in NATIVE_BF16_CPU_FLAGS if f in flags]
+    if native:
+        return Precision("bf16", "auto", f"the CPU has {'/'.join(native)} (native bf16)")
+    return Precision("no", "auto", "the CPU has no AMX or AVX512_BF16, so bf16 would be emulated (slower than fp32)")
+
+
+def check_process_count(num_processes: int) -> None:
+    """Fail loudly where a launcher asked for several processes but this one trains alone.
+
+    ``accelerate launch --cpu --num_processes N`` (or a config with ``use_cpu: true``) starts one
+    process on a CPU-only machine: it sets MASTER_ADDR for the group it never forms.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and num_processes != world:
+        raise LorafamError(
+            f"the launcher started {world} processes but they did not form one group "
+            f"({num_processes} process here); on a CPU-only machine launch with "
+            "`accelerate launch --config_file configs/ddp.yaml` or torchrun"
+        )
+    if num_processes == 1 and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ and os.environ.get(
+        "ACCELERATE_USE_CPU", ""
+    ).lower() in ("1", "true", "yes"):
+        raise LorafamError(
+            "accelerate launch --cpu (use_cpu: true) starts a single process, whatever --num_processes "
+            "says; for several CPU processes use `accelerate launch --config_file configs/ddp.yaml "
+            "--num_processes N -m lorafam train RECIPE` (lorafam runs it on the CPU with gloo)"
+        )

@@ -1,0 +1,75 @@
+"""What a task is: the model class, the head trained in full, how labels are counted and scored.
+
+lorafam supports a task by one small file in this folder (a ``Task`` subclass) and one registry line
+in ``lorafam/tasks/__init__.py``; nothing else compares task names. The training loop, eval and
+run folders ask the task:
+
+* ``auto_class`` / ``peft_task_type``: which transformers class loads the model, and what
+  adapter_config.json says to PEFT;
+* ``head_modules``: modules trained in full and saved with the adapter (a classifier's head);
+* ``loss_module``: an ``nn.Module`` around the model whose forward returns the *sum* of the loss
+  over a batch's label units and their count, so the trainer can normalise a whole optimizer step
+  (every micro-batch on every process) by the step's total count;
+* ``label_count``: the label units of a batch, counted before any forward pass;
+* ``metrics``: eval sums -> the numbers users see.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class LossOutput(dict):
+    """``loss_sum`` (summed over label units), ``count`` (label units) and, where the task has one,
+    ``correct`` (argmax hits). A dict of tensors, which DistributedDataParallel passes through."""
+
+
+class Task:
+    """One kind of model head and loss. Subclasses set the class attributes and ``loss_module``."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    #: adapter_config.json's ``task_type`` (PEFT's TaskType value).
+    peft_task_type: ClassVar[str]
+    #: True: labels are per token (padded with IGNORE_INDEX); False: one label per example.
+    token_labels: ClassVar[bool]
+    #: transformers' Auto class name, resolved lazily (importing transformers is not free).
+    auto_class_name: ClassVar[str]
+    #: Name of the count in eval metrics ("tokens" or "examples").
+    count_name: ClassVar[str]
+    #: True when the head is sized from the data's labels and may replace the checkpoint's own.
+    sized_head: ClassVar[bool] = False
+
+    @property
+    def auto_class(self) -> Any:
+        import transformers
+
+        return getattr(transformers, self.auto_class_name)
+
+    def head_modules(self, model: nn.Module) -> list[str]:
+        """Modules trained in full and saved with the adapter. Default: none."""
+        return []
+
+    def configure(self, config: Any, label_names: list[str] | None, pad_token_id: Any) -> None:
+        """Adjust the model config before loading (label set, pad id). Default: nothing."""
+
+    def loss_module(self, model: nn.Module) -> nn.Module:
+        """A module whose forward(**batch) returns a ``LossOutput`` for ``model``."""
+        raise NotImplementedError
+
+    def label_count(self, batch: dict[str, torch.Tensor]) -> int:
+        raise NotImplementedError
+
+    def metrics(self, loss_sum: float, count: int, correct: int) -> dict[str, float]:
+        """Eval sums -> metrics: the loss is always the mean over label units."""
+        if count == 0:
+            return {"loss": float("nan")}
+        return {"loss": loss_sum / count, self.count_name: count}
+
+    @staticmethod
+    def perplexity(loss: float) -> float:
+        return math.exp(min(loss, 50.0))

@@ -1,0 +1,207 @@
+"""A step does not depend on its layout, and training runs on several processes.
+
+At a fixed global batch, batch_size x grad_accum x processes may change the trained adapter only by
+float rounding: each optimizer step is the mean over all of its label tokens (lorafam.trainer). The
+data are chat pairs of very different lengths with response-only labels, so micro-batches hold
+different numbers of label tokens (a per-micro-batch mean would weigh them wrongly; see
+test_micro_batches_really_differ_in_label_tokens). Multi-process runs are real: two gloo processes
+started by `accelerate launch` with configs/ddp.yaml, as the README tells users to launch them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tinyrun import one_thread  # noqa: F401  (an autouse fixture, active where imported)
+from tinyrun import adapter_section, cli, cli_env, make_chat_data, make_model_folder, read_metrics, word_tokenizer, write_recipe
+
+from lorafam.data import prepare_data
+from lorafam.recipe import load_recipe
+from lorafam.run import ADAPTER_WEIGHTS
+from lorafam.tasks import get_task
+from lorafam.trainer import BatchLayout
+
+ROOT = Path(__file__).parent.parent
+ACCELERATE = Path(sys.executable).parent / "accelerate"
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("layout")
+    return make_model_folder(root / "model"), make_chat_data(root / "chat.jsonl", rows=72)
+
+
+def recipe(tmp_path: Path, assets, name: str, batch: int, accum: int, variant: str = "lora", **train) -> Path:
+    model, data = assets
+    section = adapter_section(variant, dropout=0.0)  # dropout draws differ per layout
+    settings = {"max_steps": STEPS, "batch_size": batch, "grad_accum": accum, "optimizer": "sgd", "lr": 0.05,
+                "mixed_precision": "no", "save_every": 2, "log_every": 1} | train
+    return write_recipe(tmp_path / f"{name}.yaml", model, data, tmp_path / name, adapter=section, train=settings,
+                        data_keys={"max_length": 40})
+
+
+def train_in_process(path: Path) -> Path:
+    """`lorafam train PATH` in this process; returns the run folder."""
+    result = cli("train", path)
+    assert result.exit_code == 0, result.output + result.stderr
+    return Path(load_recipe(path).output_dir)
+
+
+def with_changes(path: Path, target: Path, adapter: dict | None = None, train: dict | None = None) -> Path:
+    """A copy of the recipe at ``path`` with some keys changed, its run in a folder named after it."""
+    raw = load_recipe(path).model_dump(mode="json")
+    raw["adapter"] |= adapter or {}
+    raw["train"] |= train or {}
+    raw["output_dir"] = str(target.with_suffix(""))
+    target.write_text(json.dumps(raw))  # JSON is YAML
+    return target
+
+
+def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The largest ||a - b|| / ||a|| over the adapter's tensors (each non-zero after training)."""
+    assert a.keys() == b.keys()
+    worst = 0.0
+    for key in a:
+        norm = a[key].double().norm()
+        assert norm > 0, f"{key} is all zeros: nothing was trained"
+        worst = max(worst, float((a[key].double() - b[key].double()).norm() / norm))
+    return worst
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r and "phase" not in r]
+
+
+# --------------------------------------------------------------------------------------------------
+# One process: batch size x grad_accum
+
+
+def test_micro_batches_really_differ_in_label_tokens(tmp_path, assets):
+    """The layouts below would train different adapters under a per-micro-batch mean."""
+    spec = load_recipe(recipe(tmp_path, assets, "probe", 2, 4))
+    data = prepare_data(spec.data, word_tokenizer_with_template(), spec.model.task, spec.train.seed)
+    from lorafam.data import make_collator
+
+    collate, task = make_collator(word_tokenizer_with_template(), spec.model.task), get_task(spec.model.task)
+    counts = [task.label_count(collate([data.train[i] for i in idx]))
+              for idx in BatchLayout(2, 4).micro_batches(len(data.train), spec.train.seed, 1, 0)]
+    assert len(counts) == 4 and len(set(counts)) > 1, counts
+
+
+def word_tokenizer_with_template():
+    from tinyrun import WORD_CHAT_TEMPLATE
+
+    tokenizer = word_tokenizer()
+    tokenizer.chat_template = WORD_CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.mark.parametrize("batch, accum", [(4, 2), (2, 4)])
+def test_grad_accum_trains_the_same_adapter_as_one_big_batch(batch, accum, tmp_path, assets):
+    reference = train_in_process(recipe(tmp_path, assets, "b8", 8, 1))
+    layout = train_in_process(recipe(tmp_path, assets, f"b{batch}x{accum}", batch, accum))
+    assert relative_difference(load_file(reference / ADAPTER_WEIGHTS), load_file(layout / ADAPTER_WEIGHTS)) < 1e-5
+    assert losses(layout) == pytest.approx(losses(reference), rel=1e-6)
+
+
+def test_the_variants_own_loss_term_counts_once_per_step(tmp_path, assets):
+    """AdaLoRA's orthogonality penalty is added once per optimizer step, whatever the accumulation."""
+    reference = train_in_process(recipe(tmp_path, assets, "ada8", 8, 1, variant="adalora"))
+    layout = train_in_process(recipe(tmp_path, assets, "ada2x4", 2, 4, variant="adalora"))
+    assert relative_difference(load_file(reference / ADAPTER_WEIGHTS), load_file(layout / ADAPTER_WEIGHTS)) < 1e-5
+    penalties = [[r["orth_reg"] for r in read_metrics(run) if "orth_reg" in r] for run in (reference, layout)]
+    assert penalties[0] == pytest.approx(penalties[1], rel=1e-6) and len(penalties[0]) == STEPS
+
+
+# --------------------------------------------------------------------------------------------------
+# Two processes under `accelerate launch`
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(*args: str, processes: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    command = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs" / "ddp.yaml"),
+               "--num_processes", str(processes), "--main_process_port", str(free_port()), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=timeout, cwd=ROOT)
+
+
+def test_two_processes_train_the_same_adapter_as_one_and_only_the_main_one_writes(tmp_path, assets):
+    reference = train_in_process(recipe(tmp_path, assets, "one", 8, 1))
+    path = recipe(tmp_path, assets, "two", 4, 1)
+    result = launch("-m", "lorafam", "train", path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = tmp_path / "two"
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["processes"] == 2 and info["global_batch"] == 8  # two processes really ran
+    assert "2 processes (MULTI_CPU" in result.stdout
+    assert "global batch 8 = batch_size 4 x grad_accum 1 x 2 processes" in " ".join(result.stdout.split())
+    assert relative_difference(load_file(reference / ADAPTER_WEIGHTS), load_file(run_dir / ADAPTER_WEIGHTS)) < 1e-5
+    assert losses(run_dir) == pytest.approx(losses(reference), rel=1e-6)
+    # One writer: every step logged once (two writers would append each row twice), one line per
+    # step on stdout, and the checkpoint written whole once.
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == list(range(1, STEPS + 1))
+    assert sum(line.startswith("step 1/") for line in result.stdout.splitlines()) == 1
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_cpu_launch_that_starts_one_process_is_refused(tmp_path, assets):
+    """`accelerate launch --cpu --num_processes 2` starts one process: say so instead of training alone."""
+    command = [str(ACCELERATE), "launch", "--cpu", "--num_processes", "2", "--main_process_port", str(free_port()),
+               "-m", "lorafam", "train", str(recipe(tmp_path, assets, "cpu", 4, 1))]
+    result = subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=300, cwd=ROOT)
+    assert result.returncode != 0
+    assert "error: accelerate launch --cpu (use_cpu: true) starts a single process" in result.stderr
+    assert not (tmp_path / "cpu").exists()
+
+
+# Variants with state beyond their layers: the processes must agree on it, and the run must equal
+# a single-process run of the same global batch.
+STATEFUL = {
+    "adalora": {},
+    "lora_drop": {},
+    "delta_lora": {"start_step": 1},
+    "vera": {},
+}
+
+
+def test_variant_state_agrees_on_every_process_and_matches_one_process(tmp_path, assets):
+    recipes = [
+        with_changes(recipe(tmp_path, assets, variant, 4, 1, variant=variant), tmp_path / f"{variant}-two.yaml", adapter=keys)
+        for variant, keys in STATEFUL.items()
+    ]
+    result = launch(ROOT / "tests" / "dist_worker.py", tmp_path / "ranks", *recipes)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for variant, path in zip(STATEFUL, recipes):
+        ranks = [load_file(tmp_path / "ranks" / f"{path.stem}-rank{r}.safetensors") for r in (0, 1)]
+        assert ranks[0].keys() == ranks[1].keys()
+        for key in ranks[0]:  # bitwise: each process holds the same weights, scores, masks, buffers
+            assert torch.equal(ranks[0][key], ranks[1][key]), f"{variant}: {key} differs between processes"
+        facts = [json.loads((tmp_path / "ranks" / f"{path.stem}-rank{r}.json").read_text()) for r in (0, 1)]
+        assert facts[0] == facts[1] and facts[0]["world_size"] == 2
+        if variant == "adalora":  # the scores and masks after every step, not only the final masks
+            digests = [d.split(":") for d in facts[0]["state_after_each_step"]]
+            scored = [d for d in digests if int(d[3]) > 4]  # masks of 4 layers, plus scores until the final ranks
+            assert len(digests) == STEPS and len(scored) >= 3 and len({d[2] for d in scored}) == len(scored), digests
+        if variant == "lora_drop":
+            assert facts[0]["prepare"]["kept"], "no layer kept"
+        if variant == "vera":
+            assert any("vera_A" in k for k in ranks[0])
+
+        # ... and the same training as one process with one batch of the same global size.
+        one = train_in_process(with_changes(path, tmp_path / f"{variant}-one.yaml", train={"batch_size": 8}))
+        two = Path(load_recipe(path).output_dir)
+        assert relative_difference(load_file(one / ADAPTER_WEIGHTS), load_file(two / ADAPTER_WEIGHTS)) < 1e-5, variant
