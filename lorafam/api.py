@@ -60,6 +60,19 @@ def report_line(report: dict[str, int]) -> str:
     return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in report.items() if k not in ("read", "kept") and v)
 
 
+def peak_memory() -> dict[str, int]:
+    """This process's peak resident memory so far (and the GPU's peak allocation), in bytes."""
+    import resource
+
+    import torch
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"rss_bytes": rss * (1 if sys.platform == "darwin" else 1024)}  # Linux reports KiB
+    if torch.cuda.is_available():
+        out["cuda_bytes"] = torch.cuda.max_memory_allocated()
+    return out
+
+
 def train(
     recipe: str | Path | Recipe,
     overrides: list[str] | tuple[str, ...] = (),
@@ -201,6 +214,7 @@ def train(
         "artifacts": [str(p.relative_to(run_dir)) for p in artifacts] if main else [],
         "report": variant.report(),
         "skipped_steps": result.skipped_steps,
+        "peak_memory": peak_memory(),
     }
     write_info()
     state.wait_for_everyone()
@@ -275,3 +289,18 @@ def merge(run_dir: str | Path, output: str | Path, **options: Any) -> Any:
     from lorafam.merge import merge_run
 
     return merge_run(run_dir, output, **options)
+
+
+def compare(
+    recipe: str | Path, variants: str | list[str], overrides: list[str] | tuple[str, ...] = (),
+    output: str | Path | None = None, console: Console | None = None,
+) -> list[dict[str, Any]]:
+    """Train ``recipe`` once per variant (``"all"``, ``"lora,dora"`` or a list) and measure them side
+    by side; returns the rows also written to ``output``/compare.json (see lorafam.compare)."""
+    from lorafam.compare import compare as run_compare
+    from lorafam.compare import parse_variants
+
+    names = parse_variants(variants if isinstance(variants, str) else ",".join(variants))
+    recipe = Path(recipe)
+    folder = Path(output) if output is not None else Path("runs") / f"compare-{recipe.stem}"
+    return run_compare(recipe, names, list(overrides), folder, console or Console())

@@ -1,4 +1,4 @@
-"""The `lorafam` command: train, merge, eval, inspect.
+"""The `lorafam` command: train, merge, eval, inspect, compare.
 
 Every command turns a LorafamError (bad input) into one line on stderr and exit code 2.
 """
@@ -120,6 +120,20 @@ def eval_command(
         out.print(f"{result.what} on {result.examples} eval examples ({result.precision})")
         for key, value in result.metrics.items():
             out.print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+
+
+@app.command()
+@user_errors
+def compare(
+    recipe: Annotated[Path, typer.Argument(help="The recipe every variant is trained on (model, data, steps, lr).")],
+    variants: Annotated[str, typer.Option("--variants", help="Comma-separated variant names, or 'all'.")] = "all",
+    set: SetOption = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for the runs and the comparison (default runs/compare-RECIPE).")] = None,
+) -> None:
+    """Train the recipe once per variant and compare quality, size, speed and memory side by side."""
+    from lorafam import api
+
+    api.compare(recipe, variants, set or [], output, console=out)
 
 
 @app.command()

@@ -446,7 +446,7 @@ def _loop(s: Session, phase: Phase, tokenizer: Any, run_dir: Path, console: Cons
         truncate_metrics(run_dir / METRICS, resume.step if resume is not None else 0)
     progress = make_progress(console, steps)
     task_id = progress.add_task("train", total=steps, completed=first_step - 1, loss=float("nan"), lr=cfg.lr, tps=0.0)
-    start, window_tokens, window_start = time.perf_counter(), 0, time.perf_counter()
+    start, window_tokens, window_steps, window_start = time.perf_counter(), 0, 0, time.perf_counter()
     s.loss_model.train()
     if resume is not None:
         restore_rng(resume)  # last, so nothing between here and the first step draws from it
@@ -469,13 +469,14 @@ def _loop(s: Session, phase: Phase, tokenizer: Any, run_dir: Path, console: Cons
                 result.final_train_loss = outcome.loss
 
             # --- log
-            window_tokens += outcome.tokens
+            window_tokens, window_steps = window_tokens + outcome.tokens, window_steps + 1
             lr = s.optimizer.param_groups[0]["lr"]
             elapsed = time.perf_counter() - window_start
             tokens_per_s = window_tokens / elapsed if elapsed > 0 else 0.0
             progress.update(task_id, advance=1, loss=outcome.loss, lr=lr, tps=tokens_per_s)
             if step % cfg.log_every == 0 or step == steps or outcome.nonfinite:
-                row = {"step": step, "loss": None if outcome.nonfinite else outcome.loss, "lr": lr, "tokens_per_s": tokens_per_s}
+                row = {"step": step, "loss": None if outcome.nonfinite else outcome.loss, "lr": lr,
+                       "tokens_per_s": tokens_per_s, "step_seconds": elapsed / window_steps}
                 row |= {"skipped": True} if outcome.nonfinite else {}
                 row |= {} if phase.is_main else {"phase": phase.name}
                 row |= outcome.extras | outcome.hook_logs
@@ -486,7 +487,7 @@ def _loop(s: Session, phase: Phase, tokenizer: Any, run_dir: Path, console: Cons
                         f"{'' if phase.is_main else phase.name + ' '}step {step}/{steps}  loss {outcome.loss:.4f}  "
                         f"lr {lr:.3g}  tok/s {tokens_per_s:.0f}"
                     )
-                window_tokens, window_start = 0, time.perf_counter()
+                window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
 
             # --- eval and checkpoint
             if cfg.eval_every and step % cfg.eval_every == 0 and step != steps:
