@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorafam.adapters import VARIANTS
+from lorafam.data.formats import FORMATS
 from lorafam.errors import LorafamError
 
 
@@ -57,7 +58,7 @@ class DataConfig(Section):
     train: str = Field(description="Training data: packaged alias, local JSON/JSONL/CSV/Parquet file, or hub dataset.")
     eval: str | None = Field(None, description="Eval data; when absent, eval_split of train is held out.")
     eval_split: float = Field(0.1, gt=0.0, lt=1.0, description="Fraction of train held out when eval is absent.")
-    format: Literal["auto", "alpaca", "chat", "text", "prompt-completion", "classification"] = Field(
+    format: Literal[("auto", *FORMATS)] = Field(  # type: ignore[valid-type]  # the format registry's names
         "auto", description="Row format; auto picks it from the columns."
     )
     max_length: int = Field(512, ge=8, description="Tokens per example.")
