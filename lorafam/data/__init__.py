@@ -8,6 +8,7 @@ Flow, one module per step:
   text *segments*, each trained or not (``rows``).
 - ``encode``: segments -> token ids and labels, the loss mask on segment boundaries; truncate or
   drop to ``max_length``.
+- ``packing``: with ``data.packing``, several examples per training row.
 - ``prepare``: ``prepare_data`` runs the steps above and counts what it left out.
 - ``collate``: ``make_collator`` pads rows into tensors.
 
@@ -33,6 +34,8 @@ _EXPORTS = {
     "FORMATS": "formats",
     "resolve_format": "formats",
     "check_columns": "formats",
+    "PackingReport": "packing",
+    "check_packing_support": "packing",
 }
 
 if TYPE_CHECKING:
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
     from lorafam.data.encode import IGNORE_INDEX
     from lorafam.data.formats import FORMATS, check_columns, resolve_format
     from lorafam.data.packaged import PACKAGED_DATASETS
+    from lorafam.data.packing import PackingReport, check_packing_support
     from lorafam.data.prepare import REPORT_KEYS, PreparedData, prepare_data
     from lorafam.data.sources import load_source
 

@@ -1,4 +1,4 @@
-"""From the recipe's ``data:`` section to tokenized train/eval datasets."""
+"""From the recipe's ``data:`` section to tokenized (optionally packed) train/eval datasets."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Iterator
 
 import datasets
 
-from lorafam.data.formats import FORMATS, check_columns, resolve_format
+from lorafam.data.formats import FORMATS, check_columns, packing_refusal, resolve_format
+from lorafam.data.packing import PackingReport, pack
 from lorafam.data.sources import load_source
 from lorafam.errors import LorafamError
 
@@ -27,23 +28,27 @@ class PreparedData:
     ``report`` counts rows over train and eval together; ``read`` is the rows that were tokenized
     (after ``max_samples``), so ``read == kept + dropped_too_long + dropped_empty + dropped_malformed``.
     ``truncated`` rows are among the kept ones.
+
+    With ``data.packing``, ``train`` holds packed rows (columns input_ids, labels, position_ids;
+    several examples each) and ``packing`` says what packing did; ``eval`` stays one example per row.
     """
 
-    train: datasets.Dataset  # columns input_ids, attention_mask, labels
+    train: datasets.Dataset  # columns input_ids, attention_mask, labels (packed: see above)
     eval: datasets.Dataset | None  # columns input_ids, attention_mask, labels
     format: str  # the resolved format name
     label_names: list[str] | None  # classification only: class id -> name
     report: dict[str, int]
+    packing: PackingReport | None = None
 
 
 def prepare_data(
     cfg: "DataConfig", tokenizer, task: str, seed: int, label_names: list[str] | None = None
 ) -> PreparedData:
-    """Load, split, format and tokenize the recipe's data.
+    """Load, split, format and tokenize the recipe's data, and pack it if ``cfg.packing``.
 
     ``task`` is "causal-lm" or "sequence-classification". For classification, ``label_names`` fixes
     the class ids (e.g. those of a model being resumed); otherwise they are the sorted label values
-    of ``cfg.train``. ``seed`` fixes the held-out split and ``max_samples``' choice.
+    of ``cfg.train``. ``seed`` fixes the held-out split, ``max_samples``' choice and the packing.
 
     Bad rows never stop a run: they are dropped and counted in ``report``. Bad *input* (missing
     file, missing column, nothing usable left) is a one-line LorafamError.
@@ -54,6 +59,8 @@ def prepare_data(
         fmt_name = resolve_format(cfg.format, train_raw.column_names, task, "data.train")
         if eval_raw is not None:
             check_columns(fmt_name, eval_raw.column_names, "data.eval")
+        if cfg.packing and (refusal := packing_refusal(fmt_name, task)):
+            raise LorafamError(refusal)
 
         fmt_class = FORMATS[fmt_name]
         label_names = fmt_class.label_names(train_raw, label_names)  # before the split: held-out rows have known labels
@@ -83,12 +90,18 @@ def prepare_data(
                 eval_data = None  # a held-out slice that happened to be all bad: train without eval
             counts.update(eval_counts)
 
+    packing = None
+    if cfg.packing:
+        # Eval stays one example per row: its loss is the same per-example, token-weighted figure
+        # with or without packing, so runs stay comparable.
+        train, packing = pack(train, cfg.max_length, seed)
     return PreparedData(
         train=train,
         eval=eval_data,
         format=fmt_name,
         label_names=label_names,
         report={k: int(counts[k]) for k in REPORT_KEYS},
+        packing=packing,
     )
 
 

@@ -1,7 +1,7 @@
 """The format registry. Adding a format: one new file in this folder and one line here.
 
 Everything format-specific is read from the registered classes: the recipe's ``data.format``
-choices, auto-detection, the column checks.
+choices, auto-detection, the column checks, and whether ``data.packing`` applies.
 """
 
 from __future__ import annotations
@@ -72,5 +72,21 @@ def check_columns(fmt: str, columns: list[str], key: str) -> None:
         )
 
 
+def packing_refusal(requested: str, task: str) -> str | None:
+    """Why ``data.packing: true`` cannot apply to this ``data.format`` and ``model.task``; None if it can.
 
-__all__ = ["FORMATS", "Format", "check_columns", "detect_format", "resolve_format"]
+    With ``requested`` "auto" every format the task can use must be packable, so the answer does
+    not depend on the data's columns and the recipe can be refused at load.
+    """
+    candidates = [FORMATS[requested]] if requested != "auto" else formats_for_task(task)
+    for fmt in candidates:
+        if fmt.unpackable:
+            via = "" if requested != "auto" else f" (model.task {task} trains format {fmt.name})"
+            return (
+                f"data.packing: format {fmt.name} cannot put several examples in one row{via}: "
+                f"{fmt.unpackable}; set data.packing: false"
+            )
+    return None
+
+
+__all__ = ["FORMATS", "Format", "check_columns", "detect_format", "packing_refusal", "resolve_format"]

@@ -16,8 +16,9 @@ if TYPE_CHECKING:
 class Format:
     """One row format: what it needs from a row and what the row becomes.
 
-    Class attributes are all the registry needs: ``data.format``'s choices, auto-detection and the
-    column checks all read them, so nothing outside this folder names a format. A causal-lm format implements ``segments``; a format whose labels are not
+    Class attributes are all the registry needs: ``data.format``'s choices, auto-detection, column
+    checks and whether ``data.packing`` applies all read them, so nothing outside this folder
+    names a format. A causal-lm format implements ``segments``; a format whose labels are not
     tokens (classification) overrides ``encoder`` instead.
 
     An instance is made per prepared dataset with the model's tokenizer; its ``__init__`` may
@@ -32,6 +33,8 @@ class Format:
     task: ClassVar[str] = "causal-lm"  # the model.task this format trains
     # Chat templates write their own BOS and end-of-turn markers; other formats get the tokenizer's.
     writes_special_tokens: ClassVar[bool] = False
+    # Why several examples cannot share a row under data.packing; None when they can.
+    unpackable: ClassVar[str | None] = None
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer

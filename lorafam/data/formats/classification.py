@@ -39,6 +39,7 @@ class Classification(Format):
     columns = ("text", "label")
     priority = 40  # before text: text+label is classification data (a wrong model.task is then named)
     task = "sequence-classification"
+    unpackable = "one label per row: the classification head pools a single position of each row"
 
     @classmethod
     def label_names(cls, train: "datasets.Dataset", given: list[str] | None) -> list[str]:
