@@ -106,6 +106,16 @@ def test_packed_rows_hold_every_example_whole(packed_pair):
     assert sorted(pieces) == sorted(originals)
 
 
+def test_text_examples_lose_only_their_first_label(tmp_path, gpt2_tokenizer):
+    # Text trains every token, so here the first label is a real token that packing must drop.
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "word " * (i % 7 + 1)} for i in range(30)])
+    rows = all_rows(prepare(gpt2_tokenizer, path, True, max_length=32, eval=path).train)
+    assert any(len(split_examples(row)) > 1 for row in rows)
+    for row in rows:
+        for example in split_examples(row):
+            assert example["labels"] == [IGNORE_INDEX] + example["input_ids"][1:]
+
+
 def test_eval_is_not_packed(packed_pair):
     plain, packed = packed_pair
     assert packed.eval.column_names == ["input_ids", "attention_mask", "labels"]
