@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorafam.adapters import VARIANTS
+from lorafam.data.formats import FORMATS, packing_refusal
 from lorafam.errors import LorafamError
 from lorafam.tasks import TASKS
 
@@ -58,13 +59,19 @@ class DataConfig(Section):
     train: str = Field(description="Training data: packaged alias, local JSON/JSONL/CSV/Parquet file, or hub dataset.")
     eval: str | None = Field(None, description="Eval data; when absent, eval_split of train is held out.")
     eval_split: float = Field(0.1, gt=0.0, lt=1.0, description="Fraction of train held out when eval is absent.")
-    format: Literal["auto", "alpaca", "chat", "text", "prompt-completion", "classification"] = Field(
+    format: Literal[("auto", *FORMATS)] = Field(  # type: ignore[valid-type]  # the format registry's names
         "auto", description="Row format; auto picks it from the columns."
     )
     max_length: int = Field(512, ge=8, description="Tokens per example.")
     too_long: Literal["truncate", "drop"] = Field("truncate", description="What to do with longer examples.")
     max_samples: int | None = Field(None, ge=1, description="Use at most this many training rows.")
     response_only: bool = Field(True, description="Loss on the response only for instruction/chat data.")
+    packing: bool = Field(
+        False,
+        description="Put several whole training examples in each row, up to max_length (position ids "
+        "restart per example, no attention or labels across examples): less padding, same loss. "
+        "batch_size then counts packed rows. causal-lm only; eval rows stay one example each.",
+    )
 
 
 class TrainConfig(Section):
@@ -143,6 +150,8 @@ class Recipe(Section):
         check = getattr(self.adapter, "check_recipe", None)
         if check is not None:
             check(self)
+        if self.data.packing and (refusal := packing_refusal(self.data.format, self.model.task)):
+            raise ValueError(refusal)
         variant = VARIANTS[self.adapter.variant]
         if self.model.quantization is not None and not variant.supports_quantized_base:
             able = ", ".join(name for name, v in VARIANTS.items() if v.supports_quantized_base)

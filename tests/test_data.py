@@ -11,15 +11,8 @@ import torch
 from transformers import GPT2Tokenizer
 
 from conftest import CHATML, package_dir
-from lorafam.data import (
-    ALPACA_PROMPT,
-    ALPACA_PROMPT_WITH_INPUT,
-    IGNORE_INDEX,
-    PACKAGED_DATASETS,
-    load_source,
-    make_collator,
-    prepare_data,
-)
+from lorafam.data import IGNORE_INDEX, PACKAGED_DATASETS, load_source, make_collator, prepare_data
+from lorafam.data.formats.alpaca import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
 from lorafam.errors import LorafamError
 from lorafam.recipe import DataConfig
 
