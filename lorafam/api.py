@@ -137,10 +137,13 @@ def train(
     console.print(f"model {spec.model.name} ({type(model).__name__}) · adapter {variant.name} · {len(variant.layers)} layers adapted")
     console.print(param_line(trainable, total))
     console.print(
-        f"data: {data.format}, {len(data.train)} train / {len(data.eval) if data.eval is not None else 0} eval examples"
+        f"data: {data.format}, {len(data.train) if data.packing is None else data.packing.examples} train / "
+        f"{len(data.eval) if data.eval is not None else 0} eval examples"
         + (f" ({report_line(data.report)})" if report_line(data.report) else "")
     )
-    processes = f"{state.num_processes} process{'es' if state.num_processes > 1 else ''} ({state.distributed_type.value}, {state.device})"
+    if data.packing is not None:
+        console.print(data.packing.summary(spec.train.batch_size), soft_wrap=True)
+    processes = f"{state.num_processes} process{'es' if state.num_processes > 1 else ''} on {state.device.type}"
     console.print(
         f"{processes} · global batch {layout.global_batch} = batch_size {layout.batch_size} x grad_accum "
         f"{layout.grad_accum} x {layout.processes} process{'es' if layout.processes > 1 else ''} · lr {spec.train.lr:g} (not rescaled)",
@@ -161,6 +164,7 @@ def train(
         "trainable_params": trainable,
         "total_params": total,
         "data_report": data.report,
+        "packing": data.packing.as_dict(spec.train.batch_size) if data.packing is not None else None,
         "processes": state.num_processes,
         "global_batch": layout.global_batch,
         "precision": precision.as_dict(),
@@ -199,8 +203,8 @@ def train(
         info |= {"status": stopped.status, "stopped_at_step": stopped.step}
         write_info()
         raise
+    save_adapter(run_dir, variant, spec, writes=main)  # every process: sharded weights are gathered
     if main:
-        save_adapter(run_dir, variant, spec)
         artifacts = variant.write_artifacts(run_dir)
     info |= {
         "status": "complete",

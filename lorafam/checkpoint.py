@@ -33,6 +33,7 @@ import torch
 from safetensors import safe_open
 
 from lorafam.adapters import Variant
+from lorafam.distributed import is_sharded
 from lorafam.errors import LorafamError
 from lorafam.run import ADAPTER_WEIGHTS, CHECKPOINTS, fsync_dir, load_tensors, save_tensors
 
@@ -70,22 +71,33 @@ def save_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
     keep_last: int | None = None,
+    model: torch.nn.Module | None = None,
+    writes: bool = True,
 ) -> Path:
-    """Write the full training state after ``step``; keep the newest ``keep_last`` checkpoints."""
+    """Write the full training state after ``step``; keep the newest ``keep_last`` checkpoints.
+
+    Under several processes every one of them calls this (sharded parameters and optimizer state
+    are gathered whole, a collective; ``model`` is the module the optimizer's parameters belong
+    to); only the one with ``writes`` writes the folder.
+    """
     root = run_dir / CHECKPOINTS
     final = root / checkpoint_name(step)
+    adapter = variant.adapter_state_dict()
+    variant_state = variant.train_state()
+    optimizer_state = _optimizer_state(optimizer, model)
+    if not writes:
+        return final
     tmp = root / f".{checkpoint_name(step)}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing this same step
     tmp.mkdir(parents=True)
-    save_tensors(tmp / ADAPTER_WEIGHTS, variant.adapter_state_dict())
-    variant_state = variant.train_state()
+    save_tensors(tmp / ADAPTER_WEIGHTS, adapter)
     if variant_state:
         save_tensors(tmp / VARIANT_STATE, variant_state)
     save_tensors(tmp / RNG_STATE, _torch_rng_state())
     # LambdaLR's state holds only numbers and lists (its lambda is not saved), so both state dicts
     # load under weights_only=True (tests/test_resume.py checks it for AdamW + every schedule).
     _write_fsynced(tmp / OPTIMIZER_STATE, lambda f: torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, f
+        {"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, f
     ))
     trainer_state = {"step": step, **state, "rng": _python_rng_state()}
     _write_fsynced(tmp / TRAINER_STATE, lambda f: f.write(json.dumps(trainer_state, indent=2).encode()))
@@ -209,7 +221,34 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
 # Loading
 
 
-def load_checkpoint(checkpoint: Checkpoint, variant: Variant, optimizer: Any, scheduler: Any) -> None:
+def _sharded(optimizer: Any) -> bool:
+    return any(is_sharded(p) for group in optimizer.param_groups for p in group["params"])
+
+
+def _optimizer_state(optimizer: Any, model: torch.nn.Module | None) -> dict[str, Any]:
+    """The optimizer's state dict; with sharded (FSDP2) parameters, gathered whole (keyed by
+    parameter name, as torch.distributed.checkpoint writes it)."""
+    if not _sharded(optimizer):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=options)
+
+
+def _load_optimizer_state(optimizer: Any, model: torch.nn.Module | None, state: dict[str, Any]) -> None:
+    if not _sharded(optimizer):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)  # every process read the same whole file
+    set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), state, options=options)
+
+
+def load_checkpoint(
+    checkpoint: Checkpoint, variant: Variant, optimizer: Any, scheduler: Any, model: torch.nn.Module | None = None
+) -> None:
     """Put the adapter, the variant's state, the optimizer and the scheduler back as they were."""
     path = checkpoint.path
     variant.load_adapter_state_dict(load_tensors(path / ADAPTER_WEIGHTS))
@@ -223,8 +262,8 @@ def load_checkpoint(checkpoint: Checkpoint, variant: Variant, optimizer: Any, sc
             "to unpickle it (delete this checkpoint to resume from the one before)"
         ) from None
     try:
-        optimizer.load_state_dict(saved["optimizer"])
-    except (ValueError, KeyError) as e:
+        _load_optimizer_state(optimizer, model, saved["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as e:
         raise LorafamError(f"{path / OPTIMIZER_STATE} does not fit this run's optimizer ({e})") from None
     scheduler.load_state_dict(saved["scheduler"])
 

@@ -47,3 +47,20 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """
     gather = getattr(tensor, "full_tensor", None)
     return gather() if gather is not None else tensor
+
+
+@torch.no_grad()
+def copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
+    """``target.copy_(value)`` where ``target`` may be a sharded DTensor and ``value`` a whole tensor:
+    each process keeps its own shard of ``value``."""
+    value = value.to(device=target.device, dtype=target.dtype)
+    mesh = getattr(target, "device_mesh", None)
+    if mesh is not None and not hasattr(value, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value, mesh, target.placements)
+    target.copy_(value)
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    return hasattr(tensor, "device_mesh")

@@ -103,9 +103,16 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 # Saving
 
 
-def save_adapter(folder: Path, variant: Variant, recipe: Recipe) -> None:
-    """adapter_model.safetensors + adapter_config.json in PEFT's format."""
-    save_tensors(folder / ADAPTER_WEIGHTS, variant.adapter_state_dict())
+def save_adapter(folder: Path, variant: Variant, recipe: Recipe, writes: bool = True) -> None:
+    """adapter_model.safetensors + adapter_config.json in PEFT's format.
+
+    Under several processes every one calls this (sharded weights are gathered, a collective) and
+    only the one with ``writes`` writes.
+    """
+    tensors = variant.adapter_state_dict()
+    if not writes:
+        return
+    save_tensors(folder / ADAPTER_WEIGHTS, tensors)
     config = variant.peft_config(recipe.model.name, get_task(recipe.model.task).peft_task_type)
     write_json(folder / ADAPTER_CONFIG, config)
 

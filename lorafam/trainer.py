@@ -44,7 +44,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from lorafam.adapters import Variant
 from lorafam.checkpoint import Checkpoint, checkpoint_name, load_checkpoint, restore_rng, save_checkpoint
-from lorafam.data import PreparedData, make_collator
+from lorafam.data import PreparedData, check_packing_support, make_collator
 from lorafam.distributed import all_reduce_max, all_reduce_sum
 from lorafam.errors import LorafamError
 from lorafam.evaluate import evaluate, generate_sample
@@ -206,6 +206,30 @@ def make_accelerator(precision: Precision) -> Accelerator:
     return accelerator
 
 
+def shards_parameters(accelerator: Accelerator) -> bool:
+    """True under FSDP and DeepSpeed ZeRO-3, where no process holds whole parameters."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    return plugin is not None and plugin.zero_stage == 3
+
+
+def engine_name(accelerator: Accelerator) -> str:
+    """How the processes share the work: 'single process', 'DDP (gloo)', 'FSDP2', 'DeepSpeed ZeRO-2'."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return f"FSDP{2 if accelerator.is_fsdp2 else 1}"
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    if accelerator.num_processes == 1:
+        return "single process"
+    backend = accelerator.state.backend or "?"
+    return f"DDP ({backend})"
+
+
 @dataclass
 class Session:
     """Everything one optimizer step needs, built once by ``set_up``."""
@@ -224,27 +248,37 @@ class Session:
     layout: BatchLayout
     steps: int
 
-    def batches(self, step: int) -> list[tuple[dict[str, torch.Tensor], bool]]:
-        """This process's micro-batches of ``step``, collated and on the device, each with whether
-        it counts. A process left without examples (data smaller than one global batch) still
-        takes part in the step's gradient synchronisation, with one example that counts for 0."""
+    def batches(self, step: int) -> list[tuple[dict[str, torch.Tensor], int]]:
+        """This process's micro-batches of ``step``, collated and on the device, each with its
+        number of real (unpadded) tokens. A process left without examples (data smaller than one
+        global batch) still takes part in the step's gradient synchronisation, with one example
+        that counts for nothing (tokens -1)."""
         seed, rank = self.recipe.train.seed, self.accelerator.process_index
         indices = self.layout.micro_batches(len(self.data.train), seed, step, rank)
-        counted = [(idx, True) for idx in indices] or [(self.layout.micro_batches(len(self.data.train), seed, step, 0)[0][:1], False)]
+        placeholder = not indices
+        if placeholder:
+            indices = [self.layout.micro_batches(len(self.data.train), seed, step, 0)[0][:1]]
         device = self.accelerator.device
-        return [
-            ({k: v.to(device) for k, v in self.collate([self.data.train[i] for i in idx]).items()}, counts)
-            for idx, counts in counted
-        ]
+        out = []
+        for idx in indices:
+            rows = [self.data.train[i] for i in idx]
+            tokens = -1 if placeholder else sum(len(r["input_ids"]) for r in rows)
+            out.append(({k: v.to(device) for k, v in self.collate(rows).items()}, tokens))
+        return out
 
 
 def set_up(
     recipe: Recipe, model: torch.nn.Module, variant: Variant, tokenizer: Any, data: PreparedData,
-    phase: Phase, steps: int | None, accelerator: Accelerator,
+    phase: Phase, steps: int | None, accelerator: Accelerator, console: Console,
 ) -> Session:
     cfg = recipe.train
     task = get_task(recipe.model.task)
     layout = layout_of(recipe, accelerator.num_processes)
+    if shards_parameters(accelerator) and not variant.supports_sharding:
+        raise LorafamError(
+            f"adapter.variant: {variant.name} cannot train with sharded parameters ({engine_name(accelerator)}): "
+            f"{variant.sharding_reason}; launch it with data parallelism (configs/ddp.yaml) instead"
+        )
     if steps is None:  # a preparatory phase without a step count makes one pass over its data
         n = len(data.train)
         steps = total_steps(recipe, n, layout.processes) if phase.is_main else phase_steps(recipe, n, layout.processes)
@@ -252,6 +286,8 @@ def set_up(
     # backward passes no gradient through them (lorafam.quant.keep_training_layout). A no-op walk
     # over the modules when the base is not quantized.
     keep_training_layout(model)
+    if recipe.data.packing:  # examples of a packed row must not see each other: check this model
+        check_packing_support(model)
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing works with a frozen embedding (no need to force input grads).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -259,6 +295,8 @@ def set_up(
     # A short preparatory phase gets a warmup in proportion, or its first steps would run at lr ~0.
     warmup = None if phase.is_main else min(cfg.warmup_steps, steps // 10)
     scheduler = make_scheduler(optimizer, cfg, steps, warmup=warmup)
+    if phase.is_main:
+        console.print(f"engine: {engine_name(accelerator)} on {accelerator.num_processes} process(es)", soft_wrap=True)
     # The scheduler stays outside Accelerate: prepared, it would step once per process per
     # optimizer step (it assumes each process's data loader is a shard of one epoch), silently
     # shortening the schedule under several processes.
@@ -293,7 +331,7 @@ def optimizer_step(s: Session, step: int, skip_nonfinite: bool) -> StepOutcome:
     accelerator, task = s.accelerator, s.task
     micro_batches = s.batches(step)
     # Count first: each micro-batch's backward must already know the whole step's denominator.
-    local_units = sum(task.label_count(b) for b, counts in micro_batches if counts)
+    local_units = sum(task.label_count(b) for b, tokens in micro_batches if tokens >= 0)
     total_units = float(all_reduce_sum(torch.tensor(float(local_units), dtype=torch.float64)))
     # Every process's gradients are averaged by data parallelism, hence the process count.
     weight = accelerator.num_processes / total_units if total_units > 0 else 0.0
@@ -301,7 +339,8 @@ def optimizer_step(s: Session, step: int, skip_nonfinite: bool) -> StepOutcome:
     loss_sum = torch.zeros((), dtype=torch.float64)
     tokens = 0
     extras: dict[str, torch.Tensor] = {}
-    for i, (batch, counts) in enumerate(micro_batches):
+    for i, (batch, batch_tokens) in enumerate(micro_batches):
+        counts = batch_tokens >= 0
         last = i == len(micro_batches) - 1
         # Gradients are synchronised across processes on the last micro-batch only.
         sync = nullcontext() if last else accelerator.no_sync(s.loss_model)
@@ -314,7 +353,7 @@ def optimizer_step(s: Session, step: int, skip_nonfinite: bool) -> StepOutcome:
             accelerator.backward(objective)
         if counts:
             loss_sum += out["loss_sum"].detach().double().cpu()
-            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            tokens += batch_tokens
     totals = all_reduce_sum(torch.tensor([float(loss_sum), float(tokens)], dtype=torch.float64))
     loss = float(totals[0]) / total_units if total_units > 0 else 0.0
     extras_logged = {name: float(value.detach()) for name, value in extras.items()}
@@ -377,7 +416,7 @@ def train(
     accelerator = make_accelerator(precision or choose_precision(cfg.mixed_precision))
     torch.manual_seed(cfg.seed)
     try:
-        s = set_up(recipe, model, variant, tokenizer, data, this, steps, accelerator)
+        s = set_up(recipe, model, variant, tokenizer, data, this, steps, accelerator, console)
         return _loop(s, this, tokenizer, run_dir, console, resume)
     finally:
         accelerator.free_memory()  # drop Accelerate's references: the next phase prepares anew
@@ -393,7 +432,7 @@ def _loop(s: Session, phase: Phase, tokenizer: Any, run_dir: Path, console: Cons
                 f"checkpoint {resume.path} was written for {resume.state.get('total_steps')} steps on "
                 f"{resume.state.get('processes', 1)} process(es); this run has {steps} on {accelerator.num_processes}"
             )
-        load_checkpoint(resume, s.variant, s.optimizer, s.scheduler)
+        load_checkpoint(resume, s.variant, s.optimizer, s.scheduler, model=s.loss_model)
         first_step, last_checkpoint = resume.step + 1, resume.path
 
     def run_eval() -> dict[str, float] | None:
@@ -437,10 +476,8 @@ def _loop(s: Session, phase: Phase, tokenizer: Any, run_dir: Path, console: Cons
             "final_train_loss": result.final_train_loss,
             "skipped_steps": result.skipped_steps,
         }
-        path = run_dir / "checkpoints" / checkpoint_name(step)
-        if accelerator.is_main_process:
-            path = save_checkpoint(run_dir, step, s.variant, s.optimizer, s.scheduler, state, cfg.keep_last)
-        return path
+        return save_checkpoint(run_dir, step, s.variant, s.optimizer, s.scheduler, state, cfg.keep_last,
+                               model=s.loss_model, writes=accelerator.is_main_process)
 
     if writes:  # rows past the checkpoint were logged by steps the resumed run takes again
         truncate_metrics(run_dir / METRICS, resume.step if resume is not None else 0)

@@ -146,7 +146,7 @@ def test_two_processes_train_the_same_adapter_as_one_and_only_the_main_one_write
     run_dir = tmp_path / "two"
     info = json.loads((run_dir / "run.json").read_text())
     assert info["processes"] == 2 and info["global_batch"] == 8  # two processes really ran
-    assert "2 processes (MULTI_CPU" in result.stdout
+    assert "2 processes on cpu" in result.stdout and "engine: DDP (gloo) on 2 process(es)" in result.stdout
     assert "global batch 8 = batch_size 4 x grad_accum 1 x 2 processes" in " ".join(result.stdout.split())
     assert relative_difference(load_file(reference / ADAPTER_WEIGHTS), load_file(run_dir / ADAPTER_WEIGHTS)) < 1e-5
     assert losses(run_dir) == pytest.approx(losses(reference), rel=1e-6)
@@ -205,3 +205,52 @@ def test_variant_state_agrees_on_every_process_and_matches_one_process(tmp_path,
         one = train_in_process(with_changes(path, tmp_path / f"{variant}-one.yaml", train={"batch_size": 8}))
         two = Path(load_recipe(path).output_dir)
         assert relative_difference(load_file(one / ADAPTER_WEIGHTS), load_file(two / ADAPTER_WEIGHTS)) < 1e-5, variant
+
+
+# --------------------------------------------------------------------------------------------------
+# FSDP2: parameters, gradients and optimizer state sharded across the processes
+
+
+def launch_fsdp(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`lorafam ARGS` under configs/fsdp2.yaml on 2 CPU processes (tests/fsdp_worker.py says why a
+    worker: Accelerate enables FSDP for GPUs only)."""
+    command = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs" / "fsdp2.yaml"), "--num_processes", "2",
+               "--main_process_port", str(free_port()), str(ROOT / "tests" / "fsdp_worker.py"), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=cli_env() | (env or {}), timeout=600, cwd=ROOT)
+
+
+def test_fsdp2_trains_the_same_adapter_as_one_process_and_saves_it_whole(tmp_path, assets):
+    reference = train_in_process(recipe(tmp_path, assets, "one", 8, 1, variant="dora"))
+    path = recipe(tmp_path, assets, "fsdp", 4, 1, variant="dora")
+    result = launch_fsdp("train", path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "engine: FSDP2 on 2 process(es)" in result.stdout
+    run_dir = tmp_path / "fsdp"
+    saved, expected = load_file(run_dir / ADAPTER_WEIGHTS), load_file(reference / ADAPTER_WEIGHTS)
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in expected.items()}  # whole, same keys
+    assert relative_difference(expected, saved) < 1e-5
+    assert json.loads((run_dir / "adapter_config.json").read_text()) == json.loads((reference / "adapter_config.json").read_text())
+
+
+def test_fsdp2_interrupted_and_resumed_matches_the_uninterrupted_run(tmp_path, assets):
+    path = recipe(tmp_path, assets, "whole", 4, 1)
+    assert launch_fsdp("train", path).returncode == 0
+    expected = load_file(tmp_path / "whole" / ADAPTER_WEIGHTS)
+
+    path = recipe(tmp_path, assets, "stopped", 4, 1)
+    stopped = launch_fsdp("train", path, env={"LORAFAM_TEST_SIGTERM_AFTER_STEP": "3"})
+    assert stopped.returncode != 0
+    assert "interrupted by SIGTERM after step 3; checkpoint saved to" in stopped.stderr
+    assert (tmp_path / "stopped" / "checkpoints" / "step-000003" / "complete.json").is_file()
+    resumed = launch_fsdp("train", path, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and "(step 3/" in resumed.stdout
+    got = load_file(tmp_path / "stopped" / ADAPTER_WEIGHTS)
+    for key in expected:  # bitwise: the gathered optimizer state went back into its shards exactly
+        assert torch.equal(got[key], expected[key]), key
+
+
+def test_a_variant_that_needs_whole_parameters_refuses_fsdp2_in_one_line(tmp_path, assets):
+    result = launch_fsdp("train", recipe(tmp_path, assets, "ada", 4, 1, variant="adalora"))
+    assert result.returncode != 0
+    assert "error: adapter.variant: adalora cannot train with sharded parameters (FSDP2): its budget ranks" in result.stderr

@@ -336,3 +336,35 @@ def test_pack_needs_one_label_per_token(labels):
     table = datasets.Dataset.from_dict({"input_ids": [[1, 2], [3]], "labels": labels})
     with pytest.raises(ValueError, match="one label per token"):
         pack(table, 8, 0)
+
+
+def test_lorafam_train_with_packing_reports_it_and_trains(tmp_path, monkeypatch):
+    """Through the real CLI: packed rows reach the model (no attention mask, restarting positions,
+    no cache) and the run records what packing saved."""
+    import transformers
+    from tinyrun import cli, make_model_folder, make_text_data, write_recipe
+
+    model, data = make_model_folder(tmp_path / "model"), make_text_data(tmp_path / "train.jsonl")
+    recipe = write_recipe(tmp_path / "r.yaml", model, data, tmp_path / "run",
+                          train={"max_steps": 6, "save_every": None, "mixed_precision": "no"},
+                          data_keys={"packing": True, "max_length": 48})
+    calls, forward = [], transformers.LlamaModel.forward
+
+    def recording(self, *args, **kwargs):
+        if self.training:
+            calls.append(kwargs)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.LlamaModel, "forward", recording)
+    result = cli("train", recipe)
+    assert result.exit_code == 0, result.output + result.stderr
+    assert len(calls) == 6
+    for kwargs in calls:
+        assert kwargs.get("attention_mask") is None and kwargs["use_cache"] is False
+        assert (kwargs["position_ids"][:, 1:] < kwargs["position_ids"][:, :-1]).any()  # positions restart in a row
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    packing = info["packing"]
+    assert packing["rows_before"] == 56 and packing["rows_after"] < 56
+    assert packing["padding_after"] < packing["padding_before"]
+    assert f"packed 56 examples into {packing['rows_after']} rows of up to 48 tokens" in " ".join(result.output.split())
+    assert info["eval_after"]["loss"] < info["eval_before"]["loss"]

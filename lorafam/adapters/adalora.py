@@ -119,6 +119,11 @@ class AdaLoRA(Variant):
     Config = AdaLoRAConfig
     paper = "Zhang et al., Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning (arXiv:2303.10512)"
     peft_type = "ADALORA"
+    supports_sharding = False
+    sharding_reason = (
+        "its budget ranks every triplet of every layer by sensitivity after each step, which needs each "
+        "process to hold whole parameters and gradients"
+    )
 
     def __init__(self, config: AdaLoRAConfig):
         super().__init__(config)

@@ -23,6 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from lorafam.distributed import copy_into, full_tensor
 from lorafam.errors import LorafamError
 
 # Prefix PEFT puts in front of module paths in adapter_model.safetensors; we use the same so that
@@ -116,9 +117,8 @@ class AdapterLayer(nn.Module):
         converted rank-2r LoRA) overrides this.
         """
         live = self.adapter_named_tensors()
-        with torch.no_grad():
-            for name, value in tensors.items():
-                live[name].copy_(value.to(live[name].dtype))
+        for name, value in tensors.items():
+            copy_into(live[name], value)
 
 
 def dropout_module(p: float) -> nn.Module:
@@ -147,6 +147,11 @@ class Variant:
         "it updates the base weights W in place during training, and a quantized base cannot hold "
         "such small updates"
     )
+    #: True where the method trains with its parameters sharded across processes (FSDP2, ZeRO-3):
+    #: nothing it does between steps needs a whole tensor or gradient of another process.
+    supports_sharding: ClassVar[bool] = True
+    #: Why not, when ``supports_sharding`` is False: shown in the error.
+    sharding_reason: ClassVar[str] = ""
 
     def __init__(self, config: AdapterConfig):
         self.config = config
@@ -247,8 +252,12 @@ class Variant:
         return out
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """What the adapter file holds: ``live_tensors`` detached (a variant may save another layout)."""
-        return {k: v.detach().contiguous() for k, v in self.live_tensors().items()}
+        """What the adapter file holds: ``live_tensors`` detached (a variant may save another layout).
+
+        Sharded parameters (FSDP2) are gathered whole, so the file is the same whatever the number
+        of processes; that is a collective, which every process must call.
+        """
+        return {k: full_tensor(v.detach()).contiguous() for k, v in self.live_tensors().items()}
 
     def shared_state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors that belong to no single layer (VeRA's shared projections), with their keys."""
@@ -273,10 +282,9 @@ class Variant:
             layer.load_adapter_tensors({name: state[key] for name, key in keys.items()})
             layer_keys.update(keys.values())
         targets = self.live_tensors()
-        with torch.no_grad():
-            for key, value in state.items():
-                if key not in layer_keys:
-                    targets[key].copy_(value.to(targets[key].dtype))
+        for key, value in state.items():
+            if key not in layer_keys:
+                copy_into(targets[key], value)
 
     def merge(self) -> nn.Module:
         """Replace every adapter layer by a plain linear computing the same function."""

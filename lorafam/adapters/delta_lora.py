@@ -29,6 +29,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from lorafam.adapters.lora import LoRA, LoRAConfig, LoRALayer
+from lorafam.distributed import full_tensor
 
 
 class DeltaLoRAConfig(LoRAConfig):
@@ -61,8 +62,9 @@ class DeltaLoRALayer(LoRALayer):
 
     @torch.no_grad()
     def track_start(self) -> None:
-        self.delta_lora_start_A.copy_(self.lora_A.weight)
-        self.delta_lora_start_B.copy_(self.lora_B.weight)
+        # Whole tensors: under FSDP2 the factors are sharded, the buffers (never sharded) are not.
+        self.delta_lora_start_A.copy_(full_tensor(self.lora_A.weight))
+        self.delta_lora_start_B.copy_(full_tensor(self.lora_B.weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)

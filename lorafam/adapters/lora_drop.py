@@ -154,6 +154,8 @@ class LoRADrop(LoRA):
     paper = "Zhou et al., LoRA-drop: Efficient LoRA Parameter Pruning based on Output Evaluation (arXiv:2402.07721)"
     # The shared pairs are not PEFT's layout (PEFT stores one pair per layer).
     peft_type = None
+    supports_sharding = False
+    sharding_reason = "it replaces its adapter pairs after the probe run, once the model would already be sharded"
 
     def __init__(self, config: LoRADropConfig):
         super().__init__(config)

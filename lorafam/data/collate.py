@@ -6,6 +6,8 @@ from typing import Callable
 
 import torch
 
+from lorafam.tasks import get_task
+
 from lorafam.data.encode import IGNORE_INDEX
 
 
@@ -25,7 +27,7 @@ def make_collator(tokenizer, task: str) -> Callable[[list[dict]], dict[str, torc
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    classification = task == "sequence-classification"
+    classification = not get_task(task).token_labels
 
     def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(e["input_ids"]) for e in examples)

@@ -23,6 +23,36 @@ import torch
 from torch import nn
 
 
+class TaskLossModule(nn.Module):
+    """Base of the tasks' loss modules: the transformers model at ``self.model``, plus the few
+    attributes of it that Accelerate's FSDP2 preparation reads from the module it is given (which
+    layers to shard, the embeddings to group with the final norm, weight tying)."""
+
+    # Accelerate looks up ``getattr(module, module.base_model_prefix)`` for the final norm.
+    base_model_prefix = "body"
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self._no_split_modules = getattr(model, "_no_split_modules", None)
+
+    @property
+    def body(self) -> nn.Module | None:
+        """The model without its head (LlamaModel in a LlamaForCausalLM), when it has one."""
+        body = getattr(self.model, getattr(self.model, "base_model_prefix", ""), None)
+        return body if isinstance(body, nn.Module) and body is not self.model else None
+
+    def get_input_embeddings(self) -> nn.Module | None:
+        return self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+
+    def tie_weights(self) -> None:
+        if hasattr(self.model, "tie_weights"):
+            self.model.tie_weights()
+
+
 class LossOutput(dict):
     """``loss_sum`` (summed over label units), ``count`` (label units) and, where the task has one,
     ``correct`` (argmax hits). A dict of tensors, which DistributedDataParallel passes through."""

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lorafam.tasks.base import LossOutput, Task
+from lorafam.tasks.base import LossOutput, Task, TaskLossModule
 
 IGNORE_INDEX = -100
 #: Logit elements per chunk of the head + cross-entropy (2^25 fp32 = 128 MiB); e.g. 682 positions
@@ -50,12 +50,11 @@ class CausalLM(Task):
         return out
 
 
-class CausalLMLoss(nn.Module):
+class CausalLMLoss(TaskLossModule):
     """forward(**batch) -> LossOutput(loss_sum, count) over the labelled next-token positions."""
 
     def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.split_head = _head_splits_off(model)
 
     def forward(self, labels: torch.Tensor, **inputs: Any) -> LossOutput:
@@ -63,8 +62,7 @@ class CausalLMLoss(nn.Module):
         keep = labels[:, 1:] != IGNORE_INDEX
         targets = labels[:, 1:][keep]
         if self.split_head:
-            body = getattr(self.model, self.model.base_model_prefix)
-            hidden = body(**inputs)[0]
+            hidden = self.body(**inputs)[0]
             selected = hidden[:, :-1][keep]
             loss_sum = chunked_cross_entropy(selected, targets, self.model.get_output_embeddings())
         else:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorafam.errors import LorafamError
-from lorafam.tasks.base import LossOutput, Task
+from lorafam.tasks.base import LossOutput, Task, TaskLossModule
 
 # Output heads of sequence-classification models in transformers, by attribute name.
 KNOWN_HEADS = ("classifier", "score", "classification_head", "logits_proj")
@@ -65,12 +65,8 @@ class SequenceClassification(Task):
         return out
 
 
-class ClassificationLoss(nn.Module):
+class ClassificationLoss(TaskLossModule):
     """forward(**batch) -> LossOutput(loss_sum, count, correct) over the batch's examples."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
 
     def forward(self, labels: torch.Tensor, **inputs: Any) -> LossOutput:
         logits = self.model(**inputs).logits.float()
