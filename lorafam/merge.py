@@ -19,6 +19,7 @@ the adapted model on its dequantized weights, the function the merge promises). 
 
 from __future__ import annotations
 
+import gc
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +108,24 @@ def _as_float32_reference(model: nn.Module) -> nn.Module:
     if has_quantized_layers(model) or getattr(model, "hf_quantizer", None) is not None:
         dequantize_model(model, torch.float32)
     return model.float().eval()
+
+
+def _reference_logits(model: nn.Module, batch: dict[str, torch.Tensor], task: str, dtype: torch.dtype) -> torch.Tensor:
+    """The adapted model's fp32 probe logits, leaving the model in its own dtypes afterwards.
+
+    Widening a 16-bit float to fp32 and back is exact, so the merge that follows sees the same
+    weights bit for bit and writes the same files as a merge with ``--no-verify``. A quantized base
+    comes back dense in ``dtype``, the dtype its weights were quantized from.
+    """
+    tensors = lambda: list(model.named_parameters()) + list(model.named_buffers())  # noqa: E731
+    before = {name: tensor.dtype for name, tensor in tensors()}
+    logits = probe_logits(_as_float32_reference(model), batch, task)
+    for name, tensor in tensors():
+        own = before.get(name)
+        target = own if own is not None and own.is_floating_point else dtype
+        if tensor.is_floating_point() and tensor.dtype != target:
+            tensor.data = tensor.data.to(target)
+    return logits
 
 
 def _fold(variant: Any, dtype: torch.dtype) -> nn.Module:
@@ -203,7 +222,7 @@ def merge_run(run_dir: str | Path, output: str | Path, requantize: str | None = 
     tokenizer = load_tokenizer(run.recipe.model)
     batch = probe_batch(tokenizer)
     model, variant = load_adapted(run)
-    reference = probe_logits(_as_float32_reference(model), batch, task) if verify else None
+    reference = _reference_logits(model, batch, task, dtype) if verify else None
     merged = _fold(variant, dtype)
     result = MergeResult(path=output, bias_flags=switch_on_biases(merged))
     # Written next to the destination and renamed only once complete (and checked), so a killed or
@@ -216,6 +235,7 @@ def merge_run(run_dir: str | Path, output: str | Path, requantize: str | None = 
         _write_folder(merged, tokenizer, tmp)
         float_logits = probe_logits(merged, batch, task) if requantize is not None else None
         del merged, model, variant  # the check reloads the folder: do not hold two models
+        gc.collect()
         if reference is not None:
             result.check = check_folder(run, tmp, batch, reference, dtype)
         if requantize is not None:

@@ -161,6 +161,22 @@ def test_merge_of_a_4bit_run_is_checked_against_the_dequantized_adapted_model(mo
     assert checked_difference(result.stdout) < 1e-4  # fp32 vs fp32: the dequantized base is exact in both
 
 
+@pytest.mark.parametrize("name", ["lora", "glora"])
+def test_the_check_changes_nothing_merge_writes_in_bfloat16(name, models, tmp_path):
+    """The check runs the adapted model in fp32 and puts it back: a bf16 merge writes the same bits
+    with and without it, and passes it within the bf16 tolerance."""
+    run, _ = train_run(models, "llama", tmp_path, all_linear(name))
+    recipe = run / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace("  dtype: float32\n", "  dtype: bfloat16\n", 1))
+    checked = cli("merge", run, "--output", tmp_path / "checked")
+    assert checked.exit_code == 0, checked.output + checked.stderr
+    assert 0 < checked_difference(checked.stdout) < lorafam.merge.CHECK_TOLERANCE[torch.bfloat16]
+    assert cli("merge", run, "--output", tmp_path / "unchecked", "--no-verify").exit_code == 0
+    written = [load_file(tmp_path / folder / "model.safetensors") for folder in ("checked", "unchecked")]
+    assert written[0].keys() == written[1].keys()
+    assert all(t.dtype == torch.bfloat16 and torch.equal(t, written[1][k]) for k, t in written[0].items())
+
+
 # --------------------------------------------------------------------------------------------------
 # The check fails loudly and leaves nothing behind
 
