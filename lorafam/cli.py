@@ -195,7 +195,7 @@ def merge(
         typer.Option(
             "--verify/--no-verify",
             help="Reload the written folder with plain transformers and check its logits against the adapted "
-            "model (needs about twice the model's memory; --no-verify skips it for very large models).",
+            "model (holds the model in fp32 for it; --no-verify skips it for very large models and writes the same files).",
         ),
     ] = True,
 ) -> None:

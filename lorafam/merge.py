@@ -44,10 +44,11 @@ PROBE_MAX_TOKENS = 64
 #: The merge check's tolerance on max |logit difference| between the reloaded folder and the adapted
 #: model, as a fraction of the probe's logit scale (the adapted model's max |logit|, at least 1), by
 #: the dtype the merged weights are saved in. float32: a merge changes only the order of the sums,
-#: measured at 1e-7..1e-6 of the scale on every variant, so 1e-4 leaves 100x room while the smallest
-#: real fault seen (a lost GLoRA bias, tiny Llama) is 3e-2. 16-bit: the saved weights are
-#: W + delta rounded to 8 (bf16) or 11 (fp16) significant bits, which alone moves the logits by up
-#: to ~1e-2 of the scale on SmolLM2 (bf16); the bound is set above that (see README).
+#: measured at 1e-7..3e-6 of the scale (tiny test models, SmolLM2), so 1e-4 leaves 30x room while
+#: a real fault is far larger (a dropped GLoRA bias on a tiny Llama: 0.4-0.6). 16-bit: the saved
+#: weights are W + delta rounded to 8 (bf16) or 11 (fp16) significant bits, which alone moved
+#: SmolLM2's logits by up to 8.6e-3 (bf16) and 1.6e-3 (fp16) of the scale
+#: (benchmarks/merge_check.py); the bounds are about 6x that.
 CHECK_TOLERANCE: dict[torch.dtype, float] = {
     torch.float32: 1e-4,
     torch.bfloat16: 5e-2,
@@ -207,8 +208,9 @@ def merge_run(run_dir: str | Path, output: str | Path, requantize: str | None = 
 
     With ``verify`` (the default) the folder is reloaded by plain transformers and checked against
     the adapted model before it is moved into place; on a failed check nothing is left behind.
-    The check holds the adapted model in fp32 and then the reloaded one: about twice the merged
-    model's memory, which is what ``verify=False`` saves on very large models.
+    The check holds the adapted model in fp32 (a 16-bit model: twice its weight bytes), frees it
+    once the folder is written, then reloads the folder in fp32; ``verify=False`` skips both (and
+    the two forward passes) on very large models. The files written are the same either way.
     """
     from lorafam.quant import QUANTIZATIONS
 

@@ -245,7 +245,8 @@ class GLoRA(Variant):
         """True when PEFT's GLoRA computes what this adapter computes, so it may read our file.
 
         PEFT ties A to B and D to E, uses one set of forms for every layer, and on a layer without a
-        bias drops C, D and E altogether (the paper's code keeps W0 C + E as a new bias).
+        bias drops C, D and E altogether (the paper's code keeps W0 C + E as a new bias; we do where
+        a merged model can hold it, see ``make_layer``).
         """
         forms = [layer.forms for layer in self.layers.values()]
         if any(f != forms[0] for f in forms) or forms[0].A != forms[0].B or forms[0].D != forms[0].E:
