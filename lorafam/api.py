@@ -136,6 +136,8 @@ def train(
 
     console.print(f"model {spec.model.name} ({type(model).__name__}) · adapter {variant.name} · {len(variant.layers)} layers adapted")
     console.print(param_line(trainable, total))
+    for line in variant.notes():
+        console.print(line, markup=False, soft_wrap=True)
     console.print(
         f"data: {data.format}, {len(data.train) if data.packing is None else data.packing.examples} train / "
         f"{len(data.eval) if data.eval is not None else 0} eval examples"

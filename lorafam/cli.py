@@ -45,7 +45,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             # Under a multi-process launch every process meets the same bad input: one line will do.
             if _is_main_process():
                 err.print(f"error: {e}", markup=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(getattr(e, "exit_code", 2)) from None
 
     return wrapper
 
@@ -90,11 +90,31 @@ def merge(
         str | None,
         typer.Option(help="Save the merged model quantized with bitsandbytes: nf4, fp4 or int8."),
     ] = None,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify/--no-verify",
+            help="Reload the written folder with plain transformers and check its logits against the adapted "
+            "model (holds the model in fp32 for it; --no-verify skips it for very large models and writes the same files).",
+        ),
+    ] = True,
 ) -> None:
-    """Fold the adapter into the base weights; writes a plain transformers model folder."""
+    """Fold the adapter into the base weights; writes a plain transformers model folder and checks it."""
     from lorafam.merge import merge_run
 
-    result = merge_run(run_dir, output, requantize=requantize)
+    result = merge_run(run_dir, output, requantize=requantize, verify=verify)
+    if result.bias_flags:
+        out.print(f"merged config: {', '.join(result.bias_flags)} switched on, so the biases the adapter added load", soft_wrap=True)
+    if result.check is not None:
+        check = result.check
+        out.print(
+            f"checked: reloaded with transformers, max abs logit difference vs the adapted model "
+            f"{check.max_logit_diff:.3g} (tolerance {check.tolerance:.3g}; {check.saved_dtype} weights, "
+            f"fp32 logits on a fixed probe batch of {check.tokens} tokens)",
+            soft_wrap=True,
+        )
+    else:
+        out.print("not checked (--no-verify)")
     if result.requantize_max_logit_diff is not None:
         out.print(
             f"re-quantized to {requantize}: max abs logit difference vs the float merge "
@@ -186,6 +206,8 @@ def inspect(
     if trainable > listed:  # parameters no single layer owns, e.g. LoRA-drop's shared pairs
         table.add_row("shared across layers", "", "", f"{trainable - listed:,}")
     out.print(table)
+    for line in variant.notes():
+        out.print(line, markup=False, soft_wrap=True)
     # A finished run reports what training decided (e.g. final ranks); a recipe, what it plans.
     for line in run_report or variant.report():
         out.print(line, markup=False)

@@ -326,3 +326,72 @@ def head_modules(model: nn.Module, task: str) -> list[str]:
     Empty for causal LMs (their LM head stays frozen); see ``Task.head_modules``.
     """
     return get_task(task).head_modules(model)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bias switches: can a config flag give a bias-free linear layer a bias?
+
+
+def model_from_config_on_meta(model: nn.Module, config: PretrainedConfig) -> nn.Module:
+    """``model``'s class built from ``config`` on the meta device: module structure only, no memory."""
+    config = copy.deepcopy(config)
+    # The architecture, not a quantized load: quantization is applied by from_pretrained, never by
+    # the constructor, and a stale quantization config must not leak into the probe.
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    with torch.device("meta"):
+        return type(model)._from_config(config)
+
+
+def _linear_biases(model: nn.Module) -> dict[str, bool]:
+    return {name: m.bias is not None for name, m in model.named_modules() if name and isinstance(m, nn.Linear)}
+
+
+def _tensor_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    return {name: tuple(t.shape) for name, t in tensors.items()}
+
+
+def bias_switches(model: nn.Module) -> dict[str, str] | None:
+    """For each linear layer a transformers model builds without a bias: the config flag that adds one.
+
+    Only layers some flag can give a bias appear (e.g. a Llama's q_proj -> ``attention_bias``,
+    gate_proj -> ``mlp_bias``; a Qwen2's o_proj has no such flag and is absent). None when
+    ``model`` is no transformers model (no config a reload would read, so any layer may hold a bias).
+
+    Found by trying, not from a table per architecture: every boolean config field whose name
+    mentions "bias" and is off is switched on in a copy of the config, the model's own class is
+    built from that copy on the meta device, and the flag counts only if all it changes is a bias
+    on linear layers that had none (a flag that changes anything else would change the model).
+    """
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return None
+    try:
+        baseline = model_from_config_on_meta(model, model.config)
+    except Exception:  # noqa: BLE001 (remote or exotic code that cannot be rebuilt: no switch known)
+        return {}
+    base_biases, base_shapes = _linear_biases(baseline), _tensor_shapes(baseline)
+    candidates = [
+        key for key, value in model.config.to_dict().items() if "bias" in key.lower() and value is False
+    ]
+    switches: dict[str, str] = {}
+    for flag in candidates:
+        config = copy.deepcopy(model.config)
+        setattr(config, flag, True)
+        try:
+            probe = model_from_config_on_meta(model, config)
+        except Exception:  # noqa: BLE001 (a flag the class cannot be built with does not switch a bias)
+            continue
+        shapes = _tensor_shapes(probe)
+        added = set(shapes) - set(base_shapes)
+        gained = {name for name, has in _linear_biases(probe).items() if has and not base_biases.get(name, True)}
+        clean = (
+            all(shapes.get(name) == shape for name, shape in base_shapes.items())
+            and added == {f"{name}.bias" for name in gained}
+        )
+        if clean:
+            for name in gained:
+                switches.setdefault(name, flag)
+    return switches

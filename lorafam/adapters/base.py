@@ -309,6 +309,12 @@ class Variant:
 
     # ----------------------------------------------------------------------------------------------
     # Reporting
+    def notes(self) -> list[str]:
+        """Lines the user should read once the adapter is built: decisions the variant made from the
+        model itself (e.g. GLoRA terms left out where a layer cannot hold them). `train` and
+        `inspect` print them. Default: none."""
+        return []
+
     def report(self) -> list[str]:
         """Extra lines for `lorafam inspect` (e.g. AdaLoRA's final ranks). Default: none."""
         return []

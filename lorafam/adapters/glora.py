@@ -12,6 +12,11 @@ Xd starts at zero (Xu Xavier-uniform, as in the reference code) and the other fo
 model starts as the base. Merging is the paper's structural re-parameterization: one weight
 W0 + W0 * A + B and one bias b0 + D * b0 + E + W0 C, a bias the base may not have had.
 
+A merged model is only useful if transformers can load that new bias. On a layer built without a
+bias, C and E are therefore kept only where a config flag of the architecture gives the layer one
+(Llama's ``attention_bias``/``mlp_bias``: merge switches it on); where none does (Qwen2's o_proj and
+MLP), they are left out when the adapter is built, and ``notes()`` says so at train and inspect time.
+
 The paper searches the forms per layer (an evolutionary search over a trained supernet); here the
 recipe states them: ``forms`` for every layer, ``layer_forms`` to override per module-name suffix.
 Tensor names and shapes are PEFT's (``peft.tuners.glora``), and the adapter is written in PEFT's
@@ -107,21 +112,25 @@ class SupportTensor(nn.Module):
 
 
 class GLoRALayer(AdapterLayer):
-    def __init__(self, base_layer: nn.Linear, forms: GLoRAForms, r: int):
+    """``can_add_bias``: whether a merged model can hold a bias here that ``base_layer`` lacks; when
+    False, C and E (whose only effect is such a bias) get no parameters."""
+
+    def __init__(self, base_layer: nn.Linear, forms: GLoRAForms, r: int, can_add_bias: bool = True):
         super().__init__(base_layer)
         self.forms = forms
         out_f, in_f, device = self.out_features, self.in_features, base_layer.weight.device
         has_bias = base_layer.bias is not None
+        bias_terms_on = has_bias or can_add_bias
 
         def part(form: str, shape: tuple[int, ...]) -> SupportTensor | None:
             return None if form == "none" else SupportTensor(form, shape, r, device)
 
         self.glora_A = part(forms.A, (out_f, in_f))
         self.glora_B = part(forms.B, (out_f, in_f))
-        self.glora_C = part(forms.C, (in_f, 1))
+        self.glora_C = part(forms.C, (in_f, 1)) if bias_terms_on else None
         # D multiplies b0: without a base bias it has nothing to act on, so it gets no parameters.
         self.glora_D = part(forms.D, (out_f,)) if has_bias else None
-        self.glora_E = part(forms.E, (out_f,))
+        self.glora_E = part(forms.E, (out_f,)) if bias_terms_on else None
 
     @property
     def makes_bias(self) -> bool:
@@ -175,13 +184,54 @@ class GLoRA(Variant):
     peft_type = "GLORA"
     # W0 * A and W0 C read W0, dequantized on the fly from a 4-bit base (W0 itself is never written).
     supports_quantized_base = True
+    #: Layer path -> config flag that gives it a bias (modeling.bias_switches); None: any layer may.
+    bias_switches: dict[str, str] | None = None
 
     def forms_for(self, path: str) -> GLoRAForms:
         matches = [k for k in self.config.layer_forms if path == k or path.endswith("." + k)]
         return self.config.layer_forms[max(matches, key=len)] if matches else self.config.forms
 
+    def apply(self, model: nn.Module, head_modules: list[str] = ()) -> "GLoRA":
+        from lorafam.modeling import bias_switches
+
+        # Decided once, from the model as its class builds it, before any layer is wrapped: the
+        # same answer on a real, a quantized or a meta model, so train, inspect, eval and merge agree
+        # on which tensors the adapter has.
+        self.bias_switches = bias_switches(model)
+        return super().apply(model, head_modules)
+
     def make_layer(self, base_layer: nn.Linear, path: str) -> GLoRALayer:
-        return GLoRALayer(base_layer, self.forms_for(path), self.config.r)
+        # None: no transformers config will be read back, so any layer may take a new bias.
+        can_add_bias = self.bias_switches is None or path in self.bias_switches
+        return GLoRALayer(base_layer, self.forms_for(path), self.config.r, can_add_bias)
+
+    def notes(self) -> list[str]:
+        """Where the bias terms C, E are off (no config flag can give the layer a bias), and which
+        config flags merge switches on so the new biases load."""
+        off: dict[str, list[str]] = {}  # layer path -> the terms left out there
+        flags: dict[str, str] = {}  # layer path with a new bias -> the flag that lets it load
+        for path, layer in self.layers.items():
+            if layer.base_layer.bias is not None:
+                continue
+            requested = [t for t in ("C", "E") if getattr(layer.forms, t) != "none"]
+            if requested and layer.glora_C is None and layer.glora_E is None:
+                off[path] = requested
+            elif layer.makes_bias and self.bias_switches:
+                flags[path] = self.bias_switches[path]
+        lines = []
+        if off:
+            terms = sorted({t for ts in off.values() for t in ts})
+            lines.append(
+                f"glora: {' and '.join(terms)} (the terms that add a bias) are off on {_group(off)}: "
+                f"{type(self.model).__name__} has no bias there and no config flag that adds one, so a "
+                "merged model could not hold it"
+            )
+        if flags:
+            lines.append(
+                f"glora: W0 C + E becomes a new bias on {_group(flags)}; merge turns on "
+                f"{', '.join(sorted(set(flags.values())))} in the merged config so transformers loads it"
+            )
+        return lines
 
     def attach(self, model: nn.Module) -> None:
         unused = [k for k in self.config.layer_forms if not any(p == k or p.endswith("." + k) for p in self.layers)]
@@ -195,7 +245,8 @@ class GLoRA(Variant):
         """True when PEFT's GLoRA computes what this adapter computes, so it may read our file.
 
         PEFT ties A to B and D to E, uses one set of forms for every layer, and on a layer without a
-        bias drops C, D and E altogether (the paper's code keeps W0 C + E as a new bias).
+        bias drops C, D and E altogether (the paper's code keeps W0 C + E as a new bias; we do where
+        a merged model can hold it, see ``make_layer``).
         """
         forms = [layer.forms for layer in self.layers.values()]
         if any(f != forms[0] for f in forms) or forms[0].A != forms[0].B or forms[0].D != forms[0].E:
@@ -221,3 +272,9 @@ class GLoRA(Variant):
             "bias": "none",
             "init_weights": True,
         }
+
+
+def _group(paths: dict[str, Any]) -> str:
+    """'q_proj, v_proj (4 layers)': module-name suffixes in model order, with the layer count."""
+    suffixes = list(dict.fromkeys(path.rsplit(".", 1)[-1] for path in paths))
+    return f"{', '.join(suffixes)} ({len(paths)} layer{'s' if len(paths) != 1 else ''})"
