@@ -29,6 +29,7 @@ from rich.console import Console
 
 from lorafam.errors import LorafamError
 from lorafam.recipe import Recipe, load_recipe
+from lorafam.tracking import Trackers, check_installed
 
 
 @dataclass
@@ -122,6 +123,7 @@ def train(
         checkpoint = find_latest_checkpoint(run_dir, warn)
         if checkpoint is None:
             console.print(f"no complete checkpoint in {run_dir / CHECKPOINTS}; starting from step 0", soft_wrap=True)
+    check_installed(spec.train.report_to)
     precision = choose_precision(spec.train.mixed_precision)
     tokenizer = load_tokenizer(spec.model)
     data = prepare_data(spec.data, tokenizer, spec.model.task, spec.train.seed)
@@ -184,52 +186,59 @@ def train(
         if main:
             write_json(run_dir / RUN_INFO, info)
 
-    def fit(dataset: Any, steps: int | None, phase: str) -> Any:
-        subset = dataclasses.replace(data, train=dataset, eval=None)
-        return run_training(spec, model, variant, tokenizer, subset, run_dir, console, phase=phase, steps=steps, precision=precision)
-
-    if checkpoint is not None and previous.get("prepare"):
-        prepared = previous["prepare"]  # decided before the interruption: rebuild, do not re-decide
-        variant.restore(prepared)
-    else:
-        prepared = variant.prepare(fit, data.train, spec.train.seed)
-    if prepared:
-        info["prepare"] = prepared
-        trainable, total = variant.parameter_counts()
-        info["trainable_params"] = trainable
-        write_info()  # a resumed run rebuilds the same structure from it
-        console.print(param_line(trainable, total) + " (after prepare)")
+    # Trackers get every metrics row; their files (TensorBoard's) go under the run folder.
+    trackers = Trackers(spec.train.report_to, run_dir, spec.model_dump(mode="json"), precision.mixed_precision, use_cpu())
     try:
-        result = run_training(spec, model, variant, tokenizer, data, run_dir, console, resume=checkpoint, precision=precision)
-    except TrainingStopped as stopped:
-        info |= {"status": stopped.status, "stopped_at_step": stopped.step}
+        def fit(dataset: Any, steps: int | None, phase: str) -> Any:
+            subset = dataclasses.replace(data, train=dataset, eval=None)
+            return run_training(spec, model, variant, tokenizer, subset, run_dir, console, phase=phase, steps=steps,
+                                precision=precision, on_row=trackers.log)
+
+        if checkpoint is not None and previous.get("prepare"):
+            prepared = previous["prepare"]  # decided before the interruption: rebuild, do not re-decide
+            variant.restore(prepared)
+        else:
+            prepared = variant.prepare(fit, data.train, spec.train.seed)
+        if prepared:
+            info["prepare"] = prepared
+            trainable, total = variant.parameter_counts()
+            info["trainable_params"] = trainable
+            write_info()  # a resumed run rebuilds the same structure from it
+            console.print(param_line(trainable, total) + " (after prepare)")
+        try:
+            result = run_training(spec, model, variant, tokenizer, data, run_dir, console, resume=checkpoint, precision=precision,
+                                  on_row=trackers.log)
+        except TrainingStopped as stopped:
+            info |= {"status": stopped.status, "stopped_at_step": stopped.step}
+            write_info()
+            raise
+        save_adapter(run_dir, variant, spec, writes=main)  # every process: sharded weights are gathered
+        artifacts = variant.write_artifacts(run_dir) if main else []
+        trackers.log_images(artifacts, result.steps)
+        info |= {
+            "status": "complete",
+            "steps": result.steps,
+            "seconds": round(result.seconds, 1),
+            "eval_before": result.eval_before,
+            "eval_after": result.eval_after,
+            "final_train_loss": result.final_train_loss,
+            "sample_before": result.sample_before,
+            "sample_after": result.sample_after,
+            "artifacts": [str(p.relative_to(run_dir)) for p in artifacts],
+            "report": variant.report(),
+            "skipped_steps": result.skipped_steps,
+            "peak_memory": peak_memory(),
+        }
         write_info()
-        raise
-    save_adapter(run_dir, variant, spec, writes=main)  # every process: sharded weights are gathered
-    if main:
-        artifacts = variant.write_artifacts(run_dir)
-    info |= {
-        "status": "complete",
-        "steps": result.steps,
-        "seconds": round(result.seconds, 1),
-        "eval_before": result.eval_before,
-        "eval_after": result.eval_after,
-        "final_train_loss": result.final_train_loss,
-        "sample_before": result.sample_before,
-        "sample_after": result.sample_after,
-        "artifacts": [str(p.relative_to(run_dir)) for p in artifacts] if main else [],
-        "report": variant.report(),
-        "skipped_steps": result.skipped_steps,
-        "peak_memory": peak_memory(),
-    }
-    write_info()
-    state.wait_for_everyone()
-    if result.skipped_steps:
-        console.print(f"skipped {result.skipped_steps} of {result.steps} optimizer steps for a non-finite loss (train.on_nan: skip)", soft_wrap=True)
-    if report_line(data.report):
-        console.print(f"data rows left out or cut: {report_line(data.report)} (counts in {run_dir / RUN_INFO})", soft_wrap=True)
-    console.print(f"saved adapter to {run_dir} ({result.steps} steps in {result.seconds:.0f} s)")
-    return RunResult(run_dir, info, model=model, variant=variant, training=result)
+        state.wait_for_everyone()
+        if result.skipped_steps:
+            console.print(f"skipped {result.skipped_steps} of {result.steps} optimizer steps for a non-finite loss (train.on_nan: skip)", soft_wrap=True)
+        if report_line(data.report):
+            console.print(f"data rows left out or cut: {report_line(data.report)} (counts in {run_dir / RUN_INFO})", soft_wrap=True)
+        console.print(f"saved adapter to {run_dir} ({result.steps} steps in {result.seconds:.0f} s)")
+        return RunResult(run_dir, info, model=model, variant=variant, training=result)
+    finally:
+        trackers.finish()
 
 
 @dataclass

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from lorafam.errors import LorafamError
+from lorafam.tasks import get_task
 from lorafam.modeling import _auto_class, bias_switches, head_modules, load_model, load_tokenizer, model_from_config_on_meta
 from lorafam.run import LoadedRun, adapt, load_adapter_weights, open_run
 
@@ -194,7 +195,7 @@ def probe_logits(model: nn.Module, batch: dict[str, torch.Tensor], task: str) ->
     device = next(model.parameters()).device
     with torch.no_grad():
         logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
-    return logits[batch["attention_mask"].bool()] if task == "causal-lm" else logits
+    return logits[batch["attention_mask"].bool()] if get_task(task).token_labels else logits
 
 
 def _write_folder(model: nn.Module, tokenizer: Any, folder: Path) -> None:

@@ -18,6 +18,7 @@ from lorafam.adapters import VARIANTS
 from lorafam.data.formats import FORMATS, packing_refusal
 from lorafam.errors import LorafamError
 from lorafam.tasks import TASKS
+from lorafam.tracking import TRACKERS
 
 
 class Section(BaseModel):
@@ -113,6 +114,11 @@ class TrainConfig(Section):
     )
     eval_batch_size: int | None = Field(None, ge=1, description="Defaults to batch_size.")
     eval_max_batches: int | None = Field(None, ge=1, description="Cap eval cost on large eval sets.")
+    report_to: list[Literal[TRACKERS]] = Field(  # type: ignore[valid-type]
+        default_factory=list,
+        description="Experiment trackers, through Accelerate: " + ", ".join(TRACKERS) + ". They get metrics.jsonl's "
+        "rows, the recipe and the variant's plots; metrics.jsonl is always written.",
+    )
     sample_prompt: str | None = Field(None, description="Causal LMs: generate from this prompt before and after.")
     sample_max_new_tokens: int = Field(40, ge=1, description="Length of the generation sample.")
 

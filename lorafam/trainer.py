@@ -30,7 +30,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -402,12 +402,14 @@ def train(
     steps: int | None = None,
     resume: Checkpoint | None = None,
     precision: Precision | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Train ``variant``'s parameters on ``data.train``.
 
     ``phase`` other than "main" is a variant's preparatory run (see Variant.prepare): same loop,
     its own step count, no eval, samples or checkpoints, metrics rows tagged with the phase.
     ``resume`` continues from a checkpoint (lorafam.checkpoint.find_latest_checkpoint) of this run.
+    ``on_row`` gets every metrics.jsonl row too (experiment trackers).
     Only the main process writes files; every process runs this function.
     Raises TrainingInterrupted on SIGINT/SIGTERM and TrainingDiverged on a non-finite loss.
     """
@@ -417,14 +419,17 @@ def train(
     torch.manual_seed(cfg.seed)
     try:
         s = set_up(recipe, model, variant, tokenizer, data, this, steps, accelerator, console)
-        return _loop(s, this, tokenizer, run_dir, console, resume)
+        return _loop(s, this, tokenizer, run_dir, console, resume, on_row)
     finally:
         accelerator.free_memory()  # drop Accelerate's references: the next phase prepares anew
 
 
-def _loop(s: Session, phase: Phase, tokenizer: Any, run_dir: Path, console: Console, resume: Checkpoint | None) -> TrainResult:
+def _loop(
+    s: Session, phase: Phase, tokenizer: Any, run_dir: Path, console: Console, resume: Checkpoint | None,
+    on_row: Callable[[dict[str, Any]], None] | None,
+) -> TrainResult:
     cfg, accelerator, steps = s.recipe.train, s.accelerator, s.steps
-    writes = phase.is_main and accelerator.is_main_process
+    writes = accelerator.is_main_process  # a preparatory phase logs its rows too, tagged with its name
     first_step, last_checkpoint = 1, None
     if resume is not None:
         if resume.state.get("total_steps") != steps or resume.state.get("processes", 1) != accelerator.num_processes:
@@ -479,7 +484,7 @@ def _loop(s: Session, phase: Phase, tokenizer: Any, run_dir: Path, console: Cons
         return save_checkpoint(run_dir, step, s.variant, s.optimizer, s.scheduler, state, cfg.keep_last,
                                model=s.loss_model, writes=accelerator.is_main_process)
 
-    if writes:  # rows past the checkpoint were logged by steps the resumed run takes again
+    if writes and phase.is_main:  # rows past the checkpoint were logged by steps the resumed run takes again
         truncate_metrics(run_dir / METRICS, resume.step if resume is not None else 0)
     progress = make_progress(console, steps)
     task_id = progress.add_task("train", total=steps, completed=first_step - 1, loss=float("nan"), lr=cfg.lr, tps=0.0)
@@ -487,7 +492,7 @@ def _loop(s: Session, phase: Phase, tokenizer: Any, run_dir: Path, console: Cons
     s.loss_model.train()
     if resume is not None:
         restore_rng(resume)  # last, so nothing between here and the first step draws from it
-    with metrics_log(run_dir / METRICS, writes) as metrics, progress, (StopRequests() if phase.is_main else nullcontext()) as stop:
+    with metrics_log(run_dir / METRICS, writes, on_row) as metrics, progress, (StopRequests() if phase.is_main else nullcontext()) as stop:
         for step in range(first_step, steps + 1):
             outcome = optimizer_step(s, step, skip_nonfinite=cfg.on_nan == "skip")
             if outcome.nonfinite and cfg.on_nan == "stop":
@@ -562,23 +567,26 @@ def eval_autocast(s: Session) -> Any:
 
 
 class _MetricsLog:
-    def __init__(self, handle: Any):
+    def __init__(self, handle: Any, on_row: Callable[[dict[str, Any]], None] | None):
         self.handle = handle
+        self.on_row = on_row
 
     def write(self, row: dict[str, Any]) -> None:
         if self.handle is not None:
             write_metrics(self.handle, row)
+        if self.on_row is not None:
+            self.on_row(row)
 
 
 @contextmanager
-def metrics_log(path: Path, writes: bool) -> Iterator[_MetricsLog]:
-    """metrics.jsonl opened for appending (closed on every path out), or a sink where this process
-    or phase writes no files."""
+def metrics_log(path: Path, writes: bool, on_row: Callable[[dict[str, Any]], None] | None = None) -> Iterator[_MetricsLog]:
+    """metrics.jsonl opened for appending (closed on every path out), or no file where this
+    process writes none; every row also goes to ``on_row``."""
     if not writes:
-        yield _MetricsLog(None)
+        yield _MetricsLog(None, on_row)
         return
     with path.open("a") as handle:
-        yield _MetricsLog(handle)
+        yield _MetricsLog(handle, on_row)
 
 
 def truncate_metrics(path: Path, through_step: int) -> None:
