@@ -43,7 +43,7 @@ def write_model_card(folder: str | Path, run: LoadedRun, kind: Kind, **details: 
     """Write ``folder/README.md`` for the ``kind`` of folder made from ``run``.
 
     ``details`` for ``gguf``: ``gguf_file`` (its file name), ``quant``, ``notes`` (lines the export
-    wants users to know). Returns the card's path.
+    wants users to know); for ``merged``: ``requantize`` (nf4/fp4/int8 or None). Returns the path.
     """
     from lorafam.run import write_text
 
@@ -109,10 +109,11 @@ def model_card(run: LoadedRun, kind: Kind, folder: Path | None = None, **details
     recipe, info = run.recipe, run.info
     variant = VARIANTS[recipe.adapter.variant]
     base = hub_id(recipe.model.name) or recipe.model.name
+    shown = hub_id(recipe.model.name) or Path(recipe.model.name).name  # a local folder by its name
     title = {
-        "adapter": f"{variant.name} adapter for {base}",
-        "merged": f"{base} with a {variant.name} adapter merged in",
-        "gguf": f"{base} fine-tuned with {variant.name}, GGUF ({str(details.get('quant', '')).upper()})",
+        "adapter": f"{variant.name} adapter for {shown}",
+        "merged": f"{shown} with a {variant.name} adapter merged in",
+        "gguf": f"{shown} fine-tuned with {variant.name}, GGUF ({str(details.get('quant', '')).upper()})",
     }[kind]
     lines = ["---", yaml.safe_dump(front_matter(run, kind), sort_keys=False).strip(), "---", "", f"# {title}", ""]
     lines += [_summary(run, kind, variant), ""]
@@ -190,6 +191,10 @@ def _usage(run: LoadedRun, kind: Kind, base: str, folder: Path | None, details: 
         ]
         return lines
     if kind == "merged":
+        if details.get("requantize"):
+            return [f"Saved {details['requantize']}-quantized with bitsandbytes (`lorafam merge --requantize`); transformers "
+                    "loads it with bitsandbytes installed:", "", "```python", f"from transformers import AutoTokenizer, {auto}", "",
+                    f'model = {auto}.from_pretrained("PATH_TO_THIS_FOLDER")', "```"]
         return ["```python", f"from transformers import AutoTokenizer, {auto}", "",
                 f'model = {auto}.from_pretrained("PATH_TO_THIS_FOLDER")', 'tokenizer = AutoTokenizer.from_pretrained("PATH_TO_THIS_FOLDER")', "```"]
     gguf_file = details.get("gguf_file", "MODEL.gguf")

@@ -69,6 +69,7 @@ def train(
 
     import torch
 
+    from lorafam.card import write_run_card
     from lorafam.checkpoint import discard_after, find_latest_checkpoint
     from lorafam.data import prepare_data
     from lorafam.modeling import head_modules, load_model, load_tokenizer
@@ -168,6 +169,7 @@ def train(
         "skipped_steps": result.skipped_steps,
     }
     write_json(run_dir / RUN_INFO, info)
+    write_run_card(run_dir, spec, info)  # README.md model card, from the final run.json
     if result.skipped_steps:
         out.print(f"skipped {result.skipped_steps} of {result.steps} optimizer steps for a non-finite loss (train.on_nan: skip)", soft_wrap=True)
     if _report_line(data.report):

@@ -60,6 +60,7 @@ def merged_model(run: LoadedRun) -> torch.nn.Module:
 
 def merge_run(run_dir: str | Path, output: str | Path, requantize: str | None = None) -> MergeResult:
     """Write the merged model to ``output``; with ``requantize`` (nf4/fp4/int8), saved quantized."""
+    from lorafam.card import write_model_card
     from lorafam.quant import QUANTIZATIONS
 
     if requantize is not None and requantize not in QUANTIZATIONS:
@@ -84,6 +85,7 @@ def merge_run(run_dir: str | Path, output: str | Path, requantize: str | None = 
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         tmp = quantized_tmp
+    write_model_card(tmp, run, "merged", requantize=requantize)
     if output.exists():
         output.rmdir()
     tmp.rename(output)
