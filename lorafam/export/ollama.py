@@ -74,6 +74,20 @@ def _probes(with_system: bool) -> list[tuple[list[dict[str, str]], bool]]:
     return probes
 
 
+def _renders_every_probe(chat: ChatFormat, render) -> bool:
+    for messages, generation in _probes(chat.system):
+        if render(messages, generation) != chat.render(messages, generation):
+            return False
+    if chat.system:
+        # A system message after the first turn, where the template renders one, must match too:
+        # it is what tells the start text apart from the system prefix.
+        middle = [_marked("user", 1), _marked("assistant", 1), _marked("system", 2), _marked("user", 2)]
+        rendered = render(middle, True)
+        if rendered is not None and _MARK["system"] in rendered and rendered != chat.render(middle, True):
+            return False
+    return True
+
+
 def _marked(role: str, n: int) -> dict[str, str]:
     return {"role": role, "content": f"{_MARK[role]}{n}"}
 
@@ -130,31 +144,41 @@ def infer_chat_format(tokenizer: Any) -> ChatFormat | None:
 
     bos = getattr(tokenizer, "bos_token", None) or ""
     with_system = render([s1, u1], False)
-    default_system = None
     if with_system is None or s1["content"] not in with_system:
         # The template refuses system messages (Gemma) or ignores them: so does the translation.
-        start, supports_system = before_first_user, False
-        prefix["system"] = suffix["system"] = ""
+        chat = ChatFormat(before_first_user, prefix | {"system": ""}, suffix | {"system": ""}, generation_prompt, None, system=False)
+        candidates = [chat]
     else:
-        supports_system = True
         before_system = _between(with_system, None, s1["content"])
         system_to_user = _between(with_system, s1["content"], u1["content"])
         if system_to_user is None or not system_to_user.endswith(prefix["user"]):
             return None  # e.g. Mistral's, which folds the system message into a user turn
         suffix["system"] = system_to_user[: len(system_to_user) - len(prefix["user"])]
-        # Where the start ends and the system prefix begins is not visible in the text; the start
-        # is the BOS token when the template writes it, else nothing.
-        start = bos if bos and before_system.startswith(bos) else ""
-        prefix["system"] = before_system[len(start) :]
-        if before_first_user != start:
-            block_start, block_end = start + prefix["system"], suffix["system"]
-            if not (before_first_user.startswith(block_start) and before_first_user.endswith(block_end)):
-                return None
-            default_system = before_first_user[len(block_start) : len(before_first_user) - len(block_end)]
-    chat = ChatFormat(start, prefix, suffix, generation_prompt, default_system, system=supports_system)
-    for messages, generation in _probes(supports_system):
-        if render(messages, generation) != chat.render(messages, generation):
-            return None
+        # Where the start ends and the system prefix begins is not visible in this text. Try, in
+        # order: the system prefix spelled like the user prefix (ChatML's <|im_start|>system\n),
+        # the BOS token as the start, no start; keep the first that renders every probe.
+        starts = []
+        like_user = prefix["user"].replace("user", "system") if "user" in prefix["user"] else None
+        if like_user and before_system.endswith(like_user):
+            starts.append(before_system[: len(before_system) - len(like_user)])
+        if bos and before_system.startswith(bos):
+            starts.append(bos)
+        starts.append("")
+        candidates = []
+        for start in dict.fromkeys(starts):
+            if not before_system.startswith(start):
+                continue
+            system_prefix = before_system[len(start) :]
+            default_system = None
+            if before_first_user != start:
+                block_start, block_end = start + system_prefix, suffix["system"]
+                if not (before_first_user.startswith(block_start) and before_first_user.endswith(block_end)):
+                    continue
+                default_system = before_first_user[len(block_start) : len(before_first_user) - len(block_end)]
+            candidates.append(ChatFormat(start, prefix | {"system": system_prefix}, dict(suffix), generation_prompt, default_system))
+    chat = next((c for c in candidates if _renders_every_probe(c, render)), None)
+    if chat is None:
+        return None
     # Llama 3's template strips each message; Go templates cannot, so this is recorded, not matched.
     padded = [{"role": "user", "content": f"  {u1['content']} padded \n"}]
     if render(padded, True) != chat.render(padded, True):
