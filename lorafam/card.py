@@ -48,7 +48,8 @@ def write_model_card(folder: str | Path, run: LoadedRun, kind: Kind, **details: 
     from lorafam.run import write_text
 
     path = Path(folder) / CARD_FILE
-    write_text(path, model_card(run, kind, folder=Path(folder), **details))
+    write_text(path, model_card(run, kind, **details))
+    path.chmod(0o644)  # a card is for sharing (write_text's temporary file starts owner-only)
     return path
 
 
@@ -104,7 +105,7 @@ def front_matter(run: LoadedRun, kind: Kind) -> dict[str, Any]:
     return data
 
 
-def model_card(run: LoadedRun, kind: Kind, folder: Path | None = None, **details: Any) -> str:
+def model_card(run: LoadedRun, kind: Kind, **details: Any) -> str:
     """The card's full text (front matter + body)."""
     recipe, info = run.recipe, run.info
     variant = VARIANTS[recipe.adapter.variant]
@@ -116,7 +117,7 @@ def model_card(run: LoadedRun, kind: Kind, folder: Path | None = None, **details
         "gguf": f"{shown} fine-tuned with {variant.name}, GGUF ({str(details.get('quant', '')).upper()})",
     }[kind]
     lines = ["---", yaml.safe_dump(front_matter(run, kind), sort_keys=False).strip(), "---", "", f"# {title}", ""]
-    lines += [_summary(run, kind, variant), ""]
+    lines += [_summary(kind), ""]
 
     lines += ["## Training", ""]
     lines.append(f"- Method: **{variant.name}**" + (f": {variant.paper}" if variant.paper else ""))
@@ -135,11 +136,11 @@ def model_card(run: LoadedRun, kind: Kind, folder: Path | None = None, **details
     lines.append("")
     lines += _evaluation(info)
     lines += ["## Recipe", "", "The resolved recipe this was trained from (`lorafam train` reproduces it):", "", "```yaml", recipe.to_yaml().strip(), "```", ""]
-    lines += ["## How to use", ""] + _usage(run, kind, base, folder, details)
+    lines += ["## How to use", ""] + _usage(run, kind, base, details)
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _summary(run: LoadedRun, kind: Kind, variant: Any) -> str:
+def _summary(kind: Kind) -> str:
     return {
         "adapter": "An adapter trained with lorafam from the recipe below; the base model is not included.",
         "merged": "A plain transformers model: the adapter trained with lorafam from the recipe below, folded into the base weights.",
@@ -173,7 +174,7 @@ def _peft_loadable(run: LoadedRun) -> bool:
     return bool(peft_type) and not str(peft_type).startswith("LORAFAM_")
 
 
-def _usage(run: LoadedRun, kind: Kind, base: str, folder: Path | None, details: dict[str, Any]) -> list[str]:
+def _usage(run: LoadedRun, kind: Kind, base: str, details: dict[str, Any]) -> list[str]:
     auto = "AutoModelForCausalLM" if run.recipe.model.task == "causal-lm" else "AutoModelForSequenceClassification"
     if kind == "adapter":
         lines = []

@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -215,13 +216,16 @@ def build_run(root: Path, name: str, adapter: dict | None = None, steps: int = 1
     return root / "run"
 
 
+QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
+
+
 @pytest.fixture(scope="module", params=list(MODELS))
 def exported(request, tmp_path_factory):
-    """A run per model, exported at f32, f16 and q8_0 through `lorafam export`."""
+    """A run per model, exported at each of QUANTS through `lorafam export`."""
     root = tmp_path_factory.mktemp(request.param)
     run = build_run(root, request.param)
     outputs = {}
-    for quant in ("f32", "f16", "q8_0"):
+    for quant in QUANTS:
         result = cli("export", run, "--format", "gguf", "--quant", quant, "--output", root / quant)
         assert result.exit_code == 0, result.output
         outputs[quant] = root / quant
@@ -252,25 +256,35 @@ def chat_ids(tokenizer, messages) -> list[int]:
 
 def round_weights(merged: torch.nn.Module, quant: str) -> torch.nn.Module:
     """The merged model with its weight matrices rounded as the GGUF stores them, computed here
-    with torch from the format's definition (not with the gguf library the export uses): f16 is
-    IEEE half; Q8_0 is blocks of 32 weights along a row, each an int8 times one f16 scale
-    absmax/127. Vectors and norms stay f32."""
+    with torch from the formats' definitions (ggml's reference quantizers), not with the gguf
+    library the export uses. f16/bf16: IEEE half / bfloat16. Q8_0: blocks of 32 weights along a
+    row, int8 times an f16 scale absmax/127. Q4_0: 4-bit q in 0..15, (q - 8) times an f16 scale
+    (the value of largest magnitude)/-8; the embedding matrix stays Q8_0. Vectors and norms stay f32."""
     import copy
 
     rounded = copy.deepcopy(merged)
+    embeddings = {id(rounded.get_input_embeddings().weight), id(rounded.get_output_embeddings().weight)}
     with torch.no_grad():
         for param in rounded.parameters():
             if param.ndim < 2:
                 continue
-            if quant == "f16":
+            kind = "q8_0" if quant == "q4_0" and id(param) in embeddings else quant
+            if kind == "f16":
                 param.copy_(param.half().float())
-            elif quant == "q8_0":
+            elif kind == "bf16":
+                param.copy_(param.bfloat16().float())
+            elif kind in ("q8_0", "q4_0"):
                 blocks = param.reshape(-1, 32)
-                scale = blocks.abs().amax(dim=1, keepdim=True) / 127
+                if kind == "q8_0":
+                    scale = blocks.abs().amax(dim=1, keepdim=True) / 127
+                else:
+                    scale = blocks.gather(1, blocks.abs().argmax(dim=1, keepdim=True)) / -8
                 # ggml multiplies by the inverse scale (x * (1/d)), which rounds differently from x / d.
-                steps = blocks * torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
-                # Half away from zero, as ggml rounds; the scale itself is stored as f16.
-                q = torch.sign(steps) * torch.floor(steps.abs() + 0.5)
+                steps = blocks * torch.where(scale != 0, 1 / scale, torch.zeros_like(scale))
+                if kind == "q8_0":  # round half away from zero
+                    q = torch.sign(steps) * torch.floor(steps.abs() + 0.5)
+                else:  # offset by 8.5 and truncate into 0..15
+                    q = torch.trunc(steps + 8.5).clamp(0, 15) - 8
                 param.copy_((q * scale.half().float()).reshape(param.shape))
     return rounded
 
@@ -298,11 +312,12 @@ def test_gguf_read_back_by_transformers_has_the_merged_logits(exported):
             assert (got - expected).abs().max().item() < 1e-4, (name, quant)
     # f32 is the merged model bit for bit (any layout slip, e.g. an unpermuted q/k row, shows here).
     assert errors["f32"] < 1e-5, errors
-    # Rounding error on these models (hidden 64, |logits| < ~1): measured f16 1e-4..5.5e-4, q8_0 3e-3..1.2e-2.
-    assert errors["f16"] < 2e-3, errors
-    assert errors["q8_0"] < 3e-2, errors
+    # Rounding error on these models (hidden 64, |logits| < ~1), measured: f16 1e-4..5.5e-4,
+    # bf16 8e-4..2.9e-3, q8_0 3e-3..1.2e-2, q4_0 8e-3..4.1e-2.
+    assert errors["f16"] < 2e-3 and errors["bf16"] < 1e-2, errors
+    assert errors["q8_0"] < 3e-2 and errors["q4_0"] < 0.1, errors
     # ...and all of it is far below what the adapter changed: the export carries the fine-tune.
-    assert moved > 20 * errors["q8_0"], (moved, errors)
+    assert moved > 20 * errors["q8_0"] and moved > 5 * errors["q4_0"], (moved, errors)
 
 
 def test_tokenizer_read_back_encodes_a_chat_like_the_original(exported):
@@ -414,6 +429,46 @@ def test_unsupported_architecture_is_one_clear_line(tmp_path):
     assert lines == ["error: GGUF export supports the llama, mistral, qwen2 architectures; this model is 'opt'. "
                      "Use `lorafam merge` for a transformers folder instead"]
     assert not (tmp_path / "out").exists()
+
+
+def write_random(tmp_path, config) -> Path:
+    """write_gguf on a random model of ``config`` (no training: for metadata checks)."""
+    from lorafam.export import write_gguf
+
+    torch.manual_seed(0)
+    path = tmp_path / "m.gguf"
+    write_gguf(path, LlamaForCausalLM(config).eval(), chatml_tokenizer(), "f32", name="m")
+    return path
+
+
+def test_llama3_rope_scaling_is_written_as_llamas_rope_freqs(tmp_path):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    config = LlamaConfig(vocab_size=padded(len(chatml_tokenizer())), rope_parameters=rope, **(SHAPE | {"max_position_embeddings": 512}))
+    reader = gguf.GGUFReader(write_random(tmp_path, config))
+    (freqs,) = [t for t in reader.tensors if t.name == "rope_freqs.weight"]
+    # llama.cpp divides each rotation frequency by its factor; transformers computes the scaled ones.
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    head_dim = SHAPE["hidden_size"] // SHAPE["num_attention_heads"]
+    plain = 1.0 / rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    factors = torch.from_numpy(np.array(freqs.data, dtype=np.float64))
+    assert len(set(factors.tolist())) > 2  # the ramp between unscaled and fully scaled is exercised
+    torch.testing.assert_close(factors, (plain / scaled.double()), rtol=1e-5, atol=0)
+
+
+def test_linear_rope_scaling_is_metadata_and_dynamic_is_refused(tmp_path):
+    from lorafam.errors import LorafamError
+
+    vocab = padded(len(chatml_tokenizer()))
+    linear = LlamaConfig(vocab_size=vocab, rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}, **SHAPE)
+    fields = gguf.GGUFReader(write_random(tmp_path, linear)).fields
+    assert fields["llama.rope.scaling.type"].contents() == "linear"
+    assert fields["llama.rope.scaling.factor"].contents() == 4.0
+    dynamic = LlamaConfig(vocab_size=vocab, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}, **SHAPE)
+    with pytest.raises(LorafamError, match="rope_type 'dynamic' is not supported"):
+        write_random(tmp_path / "d", dynamic)
 
 
 @pytest.mark.parametrize(

@@ -263,7 +263,7 @@ def stop_tokens(chat: ChatFormat | None, tokenizer: Any) -> list[str]:
 
 def build_modelfile(gguf_name: str, tokenizer: Any, chat: ChatFormat | None, adds_bos: bool, context_length: int, sampling: dict[str, float]) -> Modelfile:
     """The Modelfile text that ``ollama create NAME -f Modelfile`` reads, next to ``gguf_name``."""
-    lines = [f"# Written by lorafam export. Create the model with: ollama create NAME -f Modelfile", f"FROM ./{gguf_name}", ""]
+    lines = ["# Written by lorafam export. Create the model with: ollama create NAME -f Modelfile", f"FROM ./{gguf_name}", ""]
     warning = None
     if chat is not None:
         bos = getattr(tokenizer, "bos_token", None)

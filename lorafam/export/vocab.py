@@ -62,9 +62,6 @@ class Vocab:
     add_space_prefix: bool | None = None
     chat_template: str | list[dict[str, str]] | None = None
 
-    def token_text(self, token_id: int) -> str:
-        return self.tokens[token_id]
-
     def write(self, writer: gguf.GGUFWriter, eot_id: int | None = None) -> None:
         writer.add_tokenizer_model(self.model)
         if self.pre is not None:
