@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+import yaml
 from conftest import CHATML
 from tinyrun import WORDS, cli, make_text_data, write_recipe
 from tinyrun import one_thread  # noqa: F401  (an autouse fixture, active where imported)
@@ -193,7 +194,7 @@ def padded(n: int, multiple: int = 64) -> int:
     return -(-n // multiple) * multiple
 
 
-def build_run(root: Path, name: str, adapter: dict | None = None, steps: int = 12) -> Path:
+def build_run(root: Path, name: str, adapter: dict | None = None, steps: int = 12, model_keys: dict | None = None) -> Path:
     config_class, model_class, make_tokenizer, tied, _, _ = MODELS[name]
     tokenizer = make_tokenizer()
     config = config_class(vocab_size=padded(len(tokenizer)), tie_word_embeddings=tied, eos_token_id=tokenizer.eos_token_id, **SHAPE)
@@ -211,6 +212,10 @@ def build_run(root: Path, name: str, adapter: dict | None = None, steps: int = 1
     section = adapter or {"variant": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
     recipe = write_recipe(root / "recipe.yaml", root / "model", data, root / "run", adapter=section,
                           train={"max_steps": steps, "lr": 5e-2, "save_every": None})
+    if model_keys:
+        raw = yaml.safe_load(recipe.read_text())
+        raw["model"] |= model_keys
+        recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
     result = cli("train", recipe)
     assert result.exit_code == 0, result.output
     return root / "run"
@@ -402,6 +407,19 @@ def test_glora_biases_are_carried_for_llama(tmp_path):
     # The biases matter (so the check above checks them): without them the logits move.
     no_bias = AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file=path.name, dtype=torch.float32)
     assert (logits(no_bias.eval(), ids) - logits(merged, ids)).abs().max().item() > 1e-2
+
+
+def test_qlora_run_exports_its_dequantized_merge(tmp_path):
+    """A 4-bit (NF4) base is merged as `lorafam merge` merges it: into the dequantized weights the
+    adapter was trained against; the f32 GGUF is that model exactly."""
+    run = build_run(tmp_path, "llama-chatml", steps=4, model_keys={"quantization": "nf4", "compute_dtype": "float32"})
+    result = cli("export", run, "--quant", "f32", "--output", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    merged = merged_model(open_run(run))
+    ids = probe_ids(AutoTokenizer.from_pretrained(run))
+    read = AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file=gguf_file(tmp_path / "out").name, dtype=torch.float32)
+    assert (logits(read.eval(), ids) - logits(merged, ids)).abs().max().item() < 1e-5
+    assert "qlora" in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_qwen2_bias_llama_cpp_cannot_read_is_refused(tmp_path):
