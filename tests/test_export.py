@@ -489,6 +489,22 @@ def test_linear_rope_scaling_is_metadata_and_dynamic_is_refused(tmp_path):
         write_random(tmp_path / "d", dynamic)
 
 
+def test_tokenizer_llama_cpp_cannot_run_is_one_clear_line(tmp_path):
+    from tinyrun import make_model_folder
+
+    model = make_model_folder(tmp_path / "model")  # a Llama with a word-level tokenizer
+    recipe = write_recipe(tmp_path / "r.yaml", model, make_text_data(tmp_path / "d.jsonl"), tmp_path / "run",
+                          train={"max_steps": 1, "save_every": None})
+    assert cli("train", recipe).exit_code == 0
+    result = cli("export", tmp_path / "run", "--output", tmp_path / "out")
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: tokenizer: a WordLevel tokenizer cannot be exported to GGUF by lorafam; supported: byte-level BPE with "
+        "the GPT-2, SmolLM, Llama 3 or Qwen2 pre-tokenizer, or sentencepiece-style BPE with byte fallback (Llama 2, Mistral)"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -587,6 +603,18 @@ def test_chat_template_translation_renders_like_jinja(name):
     assert rendered >= 2
     modelfile = build_modelfile("m.gguf", tokenizer, chat, adds_bos=False, context_length=2048, sampling={}).text
     assert stops <= {line.split(" ", 2)[2].strip('"') for line in modelfile.splitlines() if line.startswith("PARAMETER stop")}
+
+
+def test_sampling_defaults_come_from_the_generation_config_when_it_samples():
+    from lorafam.export import sampling_defaults
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, **SHAPE))
+    assert sampling_defaults(model) == {}  # greedy: nothing to carry over
+    model.generation_config.update(do_sample=True, temperature=0.6, top_p=0.9, top_k=20, repetition_penalty=1.1)
+    params = sampling_defaults(model)
+    assert params == pytest.approx({"temperature": 0.6, "top_p": 0.9, "top_k": 20.0, "repeat_penalty": 1.1})
+    text = build_modelfile("m.gguf", chatml_tokenizer(), None, adds_bos=False, context_length=256, sampling=params).text
+    assert "PARAMETER temperature 0.6\n" in text and "PARAMETER repeat_penalty 1.1\n" in text and "PARAMETER top_k 20\n" in text
 
 
 def test_untranslatable_template_gets_no_template_and_a_warning():

@@ -29,7 +29,7 @@ import torch
 from lorafam.errors import LorafamError
 from lorafam.export.ollama import ChatFormat, build_modelfile, infer_chat_format
 from lorafam.export.tensors import FILE_TYPES, QUANT_TYPES, architecture_of, gguf_tensors, write_hyperparameters
-from lorafam.export.vocab import read_vocab
+from lorafam.export.vocab import Vocab, read_vocab
 
 FORMATS = ("gguf",)
 MODELFILE = "Modelfile"
@@ -65,10 +65,13 @@ def export_run(run_dir: str | Path, output: str | Path, fmt: str = "gguf", quant
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise LorafamError(f"--output {output} exists and is not an empty folder; choose a new folder")
-    architecture_of(load_config(run.recipe.model))  # refuse before the (slow) merge
+    # Refuse an architecture or tokenizer llama.cpp cannot run before the (slow) merge.
+    config = load_config(run.recipe.model)
+    architecture_of(config)
+    tokenizer = load_tokenizer(run.recipe.model)
+    read_vocab(tokenizer, config.vocab_size)
 
     model = merged_model(run)
-    tokenizer = load_tokenizer(run.recipe.model)
     name = _file_stem(Path(run_dir))
     gguf_name = f"{name}-{quant.upper()}.gguf"
 
@@ -80,7 +83,7 @@ def export_run(run_dir: str | Path, output: str | Path, fmt: str = "gguf", quant
         written = write_gguf(tmp / gguf_name, model, tokenizer, quant, name=name, tags=["lorafam", run.recipe.adapter.variant])
         modelfile = build_modelfile(
             gguf_name, tokenizer, written.chat, written.adds_bos,
-            min(model.config.max_position_embeddings, MAX_DEFAULT_CONTEXT), _sampling(model),
+            min(model.config.max_position_embeddings, MAX_DEFAULT_CONTEXT), sampling_defaults(model),
         )
         (tmp / MODELFILE).write_text(modelfile.text)
         result = ExportResult(
@@ -123,7 +126,7 @@ def write_gguf(path: Path, model: torch.nn.Module, tokenizer: Any, quant: str, n
         writer.add_file_type(FILE_TYPES[quant])
         if quant not in ("f32", "f16", "bf16"):
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        vocab.write(writer, eot_id=_end_of_turn_id(chat, tokenizer, vocab))
+        vocab.write(writer, eot_id=_end_of_turn_id(chat, vocab))
         counts: Counter[str] = Counter()
         biases = []
         for plan, data in gguf_tensors(model, architecture, quant):
@@ -147,7 +150,7 @@ def write_gguf(path: Path, model: torch.nn.Module, tokenizer: Any, quant: str, n
     return WrittenGGUF(chat=chat, adds_bos=vocab.add_bos, tensor_types=dict(counts), notes=notes)
 
 
-def _end_of_turn_id(chat: ChatFormat | None, tokenizer: Any, vocab: Any) -> int | None:
+def _end_of_turn_id(chat: ChatFormat | None, vocab: Vocab) -> int | None:
     """The control token that ends the model's turn in the chat template (``<|im_end|>``,
     ``<|eot_id|>``), so llama.cpp stops there even when it is not the EOS token."""
     if chat is None:
@@ -161,7 +164,7 @@ def _end_of_turn_id(chat: ChatFormat | None, tokenizer: Any, vocab: Any) -> int 
     return min(candidates)[1] if candidates else None
 
 
-def _sampling(model: torch.nn.Module) -> dict[str, float]:
+def sampling_defaults(model: torch.nn.Module) -> dict[str, float]:
     """The generation config's sampling defaults, in Ollama's parameter names (only when it samples)."""
     generation = getattr(model, "generation_config", None)
     if generation is None or not getattr(generation, "do_sample", False):

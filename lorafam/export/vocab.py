@@ -127,6 +127,9 @@ def read_vocab(tokenizer: Any, vocab_size: int) -> Vocab:
         )
     added = tokenizer.added_tokens_decoder  # id -> AddedToken
     unk_id = tokenizer.unk_token_id
+    # The tokenizer's own special tokens are control tokens even where a vocabulary lists them as
+    # ordinary entries (GPT-2's <|endoftext|> in some files): llama.cpp must never print them.
+    special = {getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "unk", "pad")} - {None}
     # tokenizer.json spells a merge "a b" (older files) or ["a", "b"]; GGUF files spell it "a b".
     pairs = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
     merges = [" ".join(pair) for pair in pairs]
@@ -138,13 +141,13 @@ def read_vocab(tokenizer: Any, vocab_size: int) -> Vocab:
         if token is None:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
-        elif i in added:
-            tokens.append(token)
-            # Whole-match tokens: CONTROL ones are rendered only on request, USER_DEFINED always.
-            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-        elif kind == "llama" and i == unk_id:
+        elif kind == "llama" and i == unk_id:  # sentencepiece's <unk> has a type of its own
             tokens.append(token)
             types.append(gguf.TokenType.UNKNOWN)
+        elif i in added or i in special:
+            tokens.append(token)
+            # Whole-match tokens: CONTROL ones are rendered only on request, USER_DEFINED always.
+            types.append(gguf.TokenType.CONTROL if i in special or added[i].special else gguf.TokenType.USER_DEFINED)
         elif kind == "llama" and _is_byte_token(token):
             tokens.append(token)
             types.append(gguf.TokenType.BYTE)
