@@ -29,6 +29,7 @@ from rich.console import Console
 
 from lorafam.errors import LorafamError
 from lorafam.recipe import Recipe, load_recipe
+from lorafam.card import write_run_card
 from lorafam.tracking import Trackers, check_installed
 
 
@@ -230,6 +231,8 @@ def train(
             "peak_memory": peak_memory(),
         }
         write_info()
+        if main:  # README.md model card, from the final run.json
+            write_run_card(run_dir, spec, info)
         state.wait_for_everyone()
         if result.skipped_steps:
             console.print(f"skipped {result.skipped_steps} of {result.steps} optimizer steps for a non-finite loss (train.on_nan: skip)", soft_wrap=True)

@@ -216,6 +216,29 @@ def inspect(
         out.print(line, markup=False)
 
 
+@app.command()
+@user_errors
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run folder (train's output_dir).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="New folder for the GGUF, Modelfile and model card.")],
+    format: Annotated[str, typer.Option("--format", help="File format: gguf (llama.cpp, Ollama, LM Studio).")] = "gguf",
+    quant: Annotated[
+        str, typer.Option(help="GGUF tensor type of the weight matrices: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0.")
+    ] = "f16",
+) -> None:
+    """Merge the adapter and write one GGUF file (+ Ollama Modelfile, model card)."""
+    from lorafam.export import export_run
+
+    result = export_run(run_dir, output, fmt=format, quant=quant)
+    types = ", ".join(f"{count} {name}" for name, count in sorted(result.tensor_types.items()))
+    out.print(f"GGUF written to {result.gguf_path} ({result.size_bytes / 2**20:.1f} MiB; tensors: {types})", soft_wrap=True)
+    out.print(f"Ollama: ollama create NAME -f {result.folder / 'Modelfile'}", soft_wrap=True)
+    for note in result.notes:
+        out.print(f"note: this file {note}", markup=False, soft_wrap=True)
+    if result.modelfile_warning:
+        err.print(f"warning: {result.modelfile_warning}", markup=False, soft_wrap=True)
+
+
 def flush_denormals() -> None:
     """Treat subnormal floats as zero on CPU.
 

@@ -213,6 +213,7 @@ def merge_run(run_dir: str | Path, output: str | Path, requantize: str | None = 
     once the folder is written, then reloads the folder in fp32; ``verify=False`` skips both (and
     the two forward passes) on very large models. The files written are the same either way.
     """
+    from lorafam.card import write_model_card
     from lorafam.quant import QUANTIZATIONS
 
     if requantize is not None and requantize not in QUANTIZATIONS:
@@ -245,6 +246,7 @@ def merge_run(run_dir: str | Path, output: str | Path, requantize: str | None = 
             result.requantize_max_logit_diff = _requantize(run, float_logits, tokenizer, batch, tmp, quantized_tmp, requantize)
             shutil.rmtree(tmp)
             tmp = quantized_tmp
+        write_model_card(tmp, run, "merged", requantize=requantize)
         if output.exists():
             output.rmdir()
         tmp.rename(output)

@@ -449,7 +449,7 @@ def _loop(
         )
 
     def sample() -> str | None:
-        if not s.task.token_labels or not cfg.sample_prompt or not phase.is_main:
+        if not s.task.generates or not cfg.sample_prompt or not phase.is_main:
             return None
         with accelerator.autocast():
             return generate_sample(s.model, tokenizer, cfg.sample_prompt, cfg.sample_max_new_tokens)

@@ -73,6 +73,10 @@ class Task:
     count_name: ClassVar[str]
     #: True when the head is sized from the data's labels and may replace the checkpoint's own.
     sized_head: ClassVar[bool] = False
+    #: True when the model writes text (generation samples, chat, GGUF export).
+    generates: ClassVar[bool] = False
+    #: The Hugging Face Hub's pipeline tag for a model card.
+    pipeline_tag: ClassVar[str]
 
     @property
     def auto_class(self) -> Any:

@@ -36,6 +36,8 @@ class CausalLM(Task):
     token_labels = True
     auto_class_name = "AutoModelForCausalLM"
     count_name = "tokens"
+    generates = True
+    pipeline_tag = "text-generation"
 
     def loss_module(self, model: nn.Module) -> nn.Module:
         return CausalLMLoss(model)

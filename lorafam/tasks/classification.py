@@ -23,6 +23,7 @@ class SequenceClassification(Task):
     auto_class_name = "AutoModelForSequenceClassification"
     count_name = "examples"
     sized_head = True
+    pipeline_tag = "text-classification"
 
     def head_modules(self, model: nn.Module) -> list[str]:
         """The top-level head (``classifier`` for BERT, ``score`` for Llama, ...), found by name or,
