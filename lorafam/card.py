@@ -74,9 +74,10 @@ def hub_id(name: str) -> str | None:
 def dataset_id(source: str) -> str | None:
     """A ``data.train`` source as a Hub dataset id (``owner/name[:split]``), or None for packaged
     aliases and local files."""
-    from lorafam.data import PACKAGED_DATASETS, _looks_like_path
+    from lorafam.data import PACKAGED_DATASETS
+    from lorafam.data.sources import looks_like_local_path
 
-    if source in PACKAGED_DATASETS or _looks_like_path(source):
+    if source in PACKAGED_DATASETS or looks_like_local_path(source):
         return None
     return source.split(":", 1)[0]
 

@@ -102,6 +102,11 @@ class TrainConfig(Section):
         "train: in the training precision (faster).",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    compile: bool = Field(
+        False,
+        description="torch.compile each repeated block (decoder layer) with its adapters, in place; the "
+        "first steps pay the compilation.",
+    )
     log_every: int = Field(10, ge=1, description="Steps between metrics.jsonl rows.")
     eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps (and always at the end).")
     save_every: int | None = Field(None, ge=1, description="Write a checkpoint every N steps.")

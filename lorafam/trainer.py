@@ -206,6 +206,22 @@ def make_accelerator(precision: Precision) -> Accelerator:
     return accelerator
 
 
+def compile_blocks(model: torch.nn.Module) -> int:
+    """torch.compile, in place, every repeated block of ``model`` (its ``_no_split_modules`` classes:
+    the decoder layers) with the adapter layers inside; returns how many.
+
+    In place (``Module.compile``), so module paths and hence saved keys stay as they are; regional,
+    so the compiler builds one graph for all layers of a class instead of one for the whole model.
+    A model that names no such blocks is compiled whole. A block whose adapters change structure
+    later (LoRA-drop after its probe run) is simply traced again.
+    """
+    classes = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in classes]
+    for block in blocks or [model]:
+        block.compile()
+    return len(blocks) or 1
+
+
 def shards_parameters(accelerator: Accelerator) -> bool:
     """True under FSDP and DeepSpeed ZeRO-3, where no process holds whole parameters."""
     from accelerate.utils import DistributedType
@@ -291,6 +307,8 @@ def set_up(
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing works with a frozen embedding (no need to force input grads).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile:
+        compile_blocks(model)
     optimizer = make_optimizer(variant.param_groups(cfg.lr, cfg.weight_decay), cfg)
     # A short preparatory phase gets a warmup in proportion, or its first steps would run at lr ~0.
     warmup = None if phase.is_main else min(cfg.warmup_steps, steps // 10)

@@ -24,7 +24,7 @@ def load_source(source: str, key: str = "data.train") -> datasets.Dataset:
     if source in PACKAGED_DATASETS:
         return PACKAGED_DATASETS[source]()
     path = Path(os.path.expanduser(source))
-    if path.exists() or _looks_like_path(source):
+    if path.exists() or looks_like_local_path(source):
         return _load_local(path, source, key)
     name, _, split = source.partition(":")
     try:
@@ -43,7 +43,7 @@ def _file_builder(path: Path) -> str | None:
     return FILE_BUILDERS.get(suffixes[-1]) if suffixes else None
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_local_path(source: str) -> bool:
     # Hub ids are "name" or "owner/name" (optionally ":split"); anything else with a separator, or a
     # data-file extension, is meant as a local path and must never be sent to the hub.
     if _file_builder(Path(source)) is not None:
