@@ -90,6 +90,12 @@ def open_target(target: str | Path) -> Target:
                 f"({', '.join(PACKAGED_MODELS)})"
             )
         else:
+            looks_local = path.is_absolute() or str(target).startswith((".", "~")) or len(path.parts) > 2
+            if looks_local and not path.exists():
+                raise LorafamError(
+                    f"{target} does not exist; give a run folder, a recipe (.yaml), a model folder, a packaged "
+                    f"alias ({', '.join(PACKAGED_MODELS)}) or a hub id"
+                )
             cfg = ModelConfig(name=str(target))
             description = f"model {target}"
         model = load_model(cfg)

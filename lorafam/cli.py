@@ -495,10 +495,12 @@ def generate_command(
         if json_output:
             sys.stdout.write(json.dumps(row) + "\n")
         elif compare_base:
-            table = Table(title=row["prompt"], show_lines=True)
+            from rich.text import Text  # plain text: a prompt like "[b]" is not rich markup
+
+            table = Table(title=Text(row["prompt"]), show_lines=True)
             table.add_column("base")
-            table.add_column(f"adapted ({target})")
-            table.add_row(row["base_output"], row["output"])
+            table.add_column(Text(f"adapted ({target})"))
+            table.add_row(*(Text(row[k] or "(nothing before end of text)") for k in ("base_output", "output")))
             out.print(table)
         else:
             if len(rows) > 1:
