@@ -29,6 +29,9 @@ def make_chat_model(folder: Path, tokenizer, **config) -> Path:
     torch.manual_seed(0)
     cfg = LlamaConfig(**config) if config else tiny_llama_config(vocab_size=len(tokenizer))
     cfg.eos_token_id = tokenizer.eos_token_id
+    # A random head tied to the embeddings repeats the prompt's last token ("\n") forever, which
+    # would make every answer the same blank; an untied one gives varied tokens to compare.
+    cfg.tie_word_embeddings = False
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -44,7 +47,8 @@ def setup(tmp_path_factory, gpt2_tokenizer) -> dict[str, Path]:
     out = {"model": model, "root": root}
     for name, adapter in {
         "lora": adapter_section("lora"),
-        "pissa": adapter_section("lora") | {"init": "pissa"},
+        # On every linear at r=8 (of 32), so W's principal part matters to the answer (see below).
+        "pissa": adapter_section("lora") | {"init": "pissa", "r": 8, "target_modules": "all-linear"},
     }.items():
         recipe = write_recipe(root / f"{name}.yaml", model, data, root / name, adapter=adapter,
                               train={"lr": 3e-2, "save_every": None})
@@ -111,7 +115,18 @@ def test_compare_base_gives_the_plain_base_models_answer(setup, run):
     adapted_answer, _, _ = reference_generate(*peft_adapted(setup, run), messages)
     assert row["base_output"] == base_answer
     assert row["output"] == adapted_answer
-    assert base_answer != adapted_answer  # the adapter changed the answer, so the check means something
+    # Both are real text and the adapter changed it, so the two checks above mean something.
+    assert base_answer and adapted_answer and base_answer != adapted_answer
+    if run == "pissa":  # and the residual W - s B0 A0 alone (PEFT's disabled PiSSA) answers otherwise
+        from lorafam.chat import encode, generate, open_target
+        from lorafam.chat import Settings
+
+        target = open_target(setup[run])
+        with target.variant.disabled():
+            for layer in target.variant.layers.values():
+                layer.base_forward = layer.base_layer.forward
+            residual_answer, _ = generate(target, encode(target.tokenizer, messages), Settings(max_new_tokens=NEW))
+        assert residual_answer != base_answer
 
 
 def test_generate_on_a_recipe_or_a_model_folder_is_the_base_model(setup):
@@ -231,7 +246,7 @@ def test_chat_and_generate_on_a_qlora_run(tmp_path, gpt2_tokenizer):
     model = make_chat_model(
         tmp_path / "model", gpt2_tokenizer, vocab_size=len(gpt2_tokenizer), hidden_size=64, intermediate_size=128,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        pad_token_id=0, tie_word_embeddings=True,
+        pad_token_id=0,
     )
     recipe = write_recipe(tmp_path / "q.yaml", model, make_text_data(tmp_path / "d.jsonl"), tmp_path / "run",
                           train={"max_steps": 4, "save_every": None})
