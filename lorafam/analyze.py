@@ -169,13 +169,13 @@ class AdaptedRun:
         """The merged weight the run started from (the original pre-trained W), float64 on the CPU."""
         weight = self.variant.layers[path].base_weight().detach().to("cpu", torch.float64)
         start = self.start_deltas.get(path)
-        return weight if start is None else weight + start
+        return weight if start is None else weight + start.double()
 
     def update(self, path: str) -> torch.Tensor:
         """Delta W: the merged weight now minus the one the run started from, float64 on the CPU."""
         delta = self.variant.layers[path].delta_weight().detach().to("cpu", torch.float64)
         start = self.start_deltas.get(path)
-        return delta if start is None else delta - start
+        return delta if start is None else delta - start.double()
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         self.variant.load_adapter_state_dict(tensors)
@@ -203,7 +203,7 @@ def start_deltas(variant: Any) -> dict[str, torch.Tensor]:
     """
     start = {}
     for path, layer in variant.layers.items():
-        delta = layer.delta_weight().detach().to("cpu", torch.float64)
+        delta = layer.delta_weight().detach().to("cpu", torch.float32)  # the precision it was computed in
         if torch.count_nonzero(delta):
             start[path] = delta
     return start
@@ -454,13 +454,13 @@ def decomposition(run_dir: Path, *, module: str | None, layer: int | None, outpu
     adapted = load_run(run_dir)
     paths = select_paths(adapted.variant.layers, module, layer, str(run_dir))
     where = grid_positions(list(adapted.variant.layers))
-    starts = {p: adapted.start_weight(p) for p in paths}
     points: dict[str, list[dict[str, Any]]] = {}
     with torch.no_grad():
         for step, file in states:
             adapted.load_state(load_tensors(file))
-            for p in paths:
-                delta_m, delta_d = magnitude_direction_change(starts[p] + adapted.update(p), starts[p])
+            for p in paths:  # one layer's weights at a time: no copy of the whole model is kept
+                start = adapted.start_weight(p)
+                delta_m, delta_d = magnitude_direction_change(start + adapted.update(p), start)
                 points.setdefault(where[p][1], []).append(
                     {"path": p, "layer": where[p][0], "step": step, "delta_m": delta_m, "delta_d": delta_d}
                 )
