@@ -233,6 +233,14 @@ def test_chat_needs_a_chat_template(tmp_path):
     assert result.exit_code == 2
     assert result.output.startswith("error: ") and result.output.count("\n") == 1
     assert "has no chat template" in result.output and "lorafam generate" in result.output
+    # generate continues the text as is there, as transformers does
+    result = cli("generate", folder, "--prompt", "the quick brown", "--max-new-tokens", 5, "--json")
+    assert result.exit_code == 0, result.output
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    inputs = tokenizer("the quick brown", return_tensors="pt")
+    ids = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    expected = tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    assert json_rows(result.output)[0]["output"] == expected
 
 
 def test_chat_and_generate_on_a_qlora_run(tmp_path, gpt2_tokenizer):
