@@ -32,7 +32,6 @@ The maths are pure functions on tensors (top of this file); the rest loads runs 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys

@@ -3,7 +3,9 @@ real run folders written by the real CLI (tiny Llama, tests/tinyrun.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +28,8 @@ from lorafam.analyze import (
     variants_with_artifacts,
     variants_with_factors,
 )
-from lorafam.run import adapt
 from lorafam.recipe import validate_recipe
+from lorafam.run import adapt
 from tinyrun import adapter_section, cli, make_model_folder, make_text_data, one_thread, write_recipe  # noqa: F401
 
 PREFIX = "base_model.model."
@@ -307,16 +309,12 @@ def test_decomposition_of_a_lora_run_matches_each_checkpoint(runs, tmp_path):
 def test_decomposition_of_a_dora_run_whose_direction_never_moved(runs, tmp_path):
     """A DoRA run where only the magnitude changed (its B zeroed in every saved file): Delta D = 0."""
     run = tmp_path / "dora_magnitude_only"
-    import shutil
-
     shutil.copytree(runs["dora"], run)
     files = [run / "adapter_model.safetensors", *sorted(run.glob("checkpoints/step-*/adapter_model.safetensors"))]
     for file in files:
         tensors = load_file(str(file))
         save_file({k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in tensors.items()}, str(file), metadata={"format": "pt"})
     for manifest in run.glob("checkpoints/step-*/complete.json"):  # re-seal the edited checkpoints
-        import hashlib
-
         info = json.loads(manifest.read_text())
         body = (manifest.parent / "adapter_model.safetensors").read_bytes()
         info["files"]["adapter_model.safetensors"] = {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}

@@ -118,8 +118,7 @@ def test_compare_base_gives_the_plain_base_models_answer(setup, run):
     # Both are real text and the adapter changed it, so the two checks above mean something.
     assert base_answer and adapted_answer and base_answer != adapted_answer
     if run == "pissa":  # and the residual W - s B0 A0 alone (PEFT's disabled PiSSA) answers otherwise
-        from lorafam.chat import encode, generate, open_target
-        from lorafam.chat import Settings
+        from lorafam.chat import Settings, encode, generate, open_target
 
         target = open_target(setup[run])
         with target.variant.disabled():
