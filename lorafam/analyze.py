@@ -467,7 +467,12 @@ def decomposition(run_dir: Path, *, module: str | None, layer: int | None, outpu
     for name, rows in points.items():
         # 1 - cos of fp32 weights in float64 is exact to ~1e-15: below 1e-12 Delta D is rounding.
         fit = fit_line([r["delta_d"] for r in rows], [r["delta_m"] for r in rows], resolution=1e-12)
-        modules[name] = {"fit": fit, "points": rows}
+        by_step = {
+            str(step): fit_line([r["delta_d"] for r in rows if r["step"] == step],
+                                [r["delta_m"] for r in rows if r["step"] == step], resolution=1e-12)
+            for step, _ in states
+        }
+        modules[name] = {"fit": fit, "fit_by_step": by_step, "points": rows}
     data = {
         "analysis": "weight decomposition (DoRA paper, section 3.2)",
         "variant": adapted.variant.name,

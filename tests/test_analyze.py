@@ -304,6 +304,9 @@ def test_decomposition_of_a_lora_run_matches_each_checkpoint(runs, tmp_path):
             assert (point["delta_m"], point["delta_d"]) == pytest.approx(expected, rel=1e-6)
         xs, ys = [p["delta_d"] for p in entry["points"]], [p["delta_m"] for p in entry["points"]]
         assert entry["fit"]["slope"] == pytest.approx(np.polyfit(xs, ys, 1)[0], rel=1e-6)
+        at_8 = [p for p in entry["points"] if p["step"] == 8]
+        slope_8 = np.polyfit([p["delta_d"] for p in at_8], [p["delta_m"] for p in at_8], 1)[0]
+        assert entry["fit_by_step"]["8"]["slope"] == pytest.approx(slope_8, rel=1e-6)
 
 
 def test_decomposition_of_a_dora_run_whose_direction_never_moved(runs, tmp_path):
