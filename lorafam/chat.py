@@ -148,14 +148,23 @@ def generate(
     model = target.model
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
+    length, context = inputs["input_ids"].shape[1], context_length(model)
+    if context is not None and length >= context:
+        raise LorafamError(f"the prompt is {length} tokens and the model's context {context}; shorten it")
+    config = generation_config(model, target.tokenizer, settings)
+    if context is not None:  # beyond its context a model's answers degrade or fail
+        config.max_new_tokens = min(settings.max_new_tokens, context - length)
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
     with torch.no_grad():
-        output = model.generate(
-            **inputs, generation_config=generation_config(model, target.tokenizer, settings), streamer=streamer
-        )
+        output = model.generate(**inputs, generation_config=config, streamer=streamer)
     new = output[0, inputs["input_ids"].shape[1] :]
     return target.tokenizer.decode(new, skip_special_tokens=True).strip(), int(new.numel())
+
+
+def context_length(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model's config declares (None when it declares none)."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
 def _streamer(tokenizer: Any, write: Callable[[str], None]) -> Any:
@@ -198,7 +207,7 @@ def chat(
             "use `lorafam generate` for plain continuation"
         )
     settings.check()
-    context = getattr(target.model.config, "max_position_embeddings", None)
+    context = context_length(target.model)
     opening = [{"role": "system", "content": system}] if system else []
     history: list[dict[str, str]] = []
     turns = 0
@@ -230,6 +239,10 @@ def chat(
             note(f"[prompt: {inputs['input_ids'].shape[1]} tokens]")
         try:
             answer, _ = generate(target, inputs, settings, streamer=_streamer(tokenizer, write))
+        except LorafamError as e:  # a message too long for the model: say so, keep chatting
+            history.pop()
+            note(f"{e}; that message is left out of the conversation")
+            continue
         except KeyboardInterrupt:
             history.pop()
             write("\n")

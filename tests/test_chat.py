@@ -217,6 +217,21 @@ def test_chat_ends_cleanly_at_end_of_input_and_explains_unknown_commands(setup):
     assert expected in result.output
 
 
+def test_answers_stop_at_the_models_context_and_an_overlong_message_is_skipped(setup):
+    """The tiny model declares 256 positions: an answer stops there, a longer message is refused."""
+    result = cli("generate", setup["model"], "--prompt", PROMPT, "--max-new-tokens", 1000, "--json")
+    assert result.exit_code == 0, result.output
+    prompt_length = reference_generate(*plain_base(setup), [{"role": "user", "content": PROMPT}], max_new_tokens=1)[2]
+    assert json_rows(result.output)[0]["new_tokens"] == 256 - prompt_length
+    long_message = " ".join(["fox"] * 300)
+    result = run_cli("chat", setup["model"], "--temperature", "0", "--max-new-tokens", NEW, "--show-prompt",
+                     input=f"{long_message}\n{PROMPT}\n")
+    assert result.exit_code == 0, result.output
+    assert "and the model's context 256; shorten it; that message is left out of the conversation" in result.output
+    # the next message is answered as the first of the conversation
+    assert f"[prompt: {prompt_length} tokens]" in result.output
+
+
 def test_chat_system_message_goes_first(setup):
     result = run_cli("chat", setup["model"], "--temperature", "0", "--max-new-tokens", NEW, "--system", "be brief",
                  input=f"{PROMPT}\n")
