@@ -268,6 +268,16 @@ def output_folder(output: Path | None, run_folder: Path) -> Path:
     return folder
 
 
+@dataclass
+class Result:
+    """What an analysis computed (also written as JSON), the files it wrote and a table to print."""
+
+    data: dict[str, Any]
+    files: list[Path]
+    table: Table | None = None
+    notes: list[str] = field(default_factory=list)
+
+
 def write_json(path: Path, obj: Any) -> Path:
     from lorafam.run import write_json as atomic_json
 
@@ -277,16 +287,6 @@ def write_json(path: Path, obj: Any) -> Path:
 
 # --------------------------------------------------------------------------------------------------
 # lorafam analyze subspace
-
-
-@dataclass
-class Result:
-    """What an analysis computed (also written as JSON), the files it wrote and a table to print."""
-
-    data: dict[str, Any]
-    files: list[Path]
-    table: Table | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def variants_with_factors() -> list[str]:
@@ -305,6 +305,12 @@ def variants_with_factors() -> list[str]:
         if all(layer.low_rank_factors() is not None for layer in variant.layers.values()):
             names.append(name)
     return names
+
+
+def adapter_rank(adapted: AdaptedRun, path: str) -> int:
+    """The rank of a layer's update: its low-rank pair's (AdaLoRA: the live triplets), else adapter.r."""
+    pair = adapted.variant.layers[path].low_rank_factors()
+    return pair[1].shape[0] if pair is not None else adapted.variant.config.r
 
 
 def _factors(adapted: AdaptedRun, paths: list[str], side: Side) -> dict[str, torch.Tensor]:
@@ -363,12 +369,10 @@ def subspace(
         compared = {"rows": f"{run_a} ({side}, top-i directions)", "columns": f"{run_b} ({side}, top-j directions)"}
     else:
         for path in paths:
-            layer_ = first.variant.layers[path]
-            pair = layer_.low_rank_factors()
-            rank = pair[1].shape[0] if pair is not None else first.variant.config.r
             weight, delta = first.start_weight(path), first.update(path)
             n = min(weight.shape)
-            rank = min(rank, n)
+            rank = min(adapter_rank(first, path), n)
+            # The paper's appendix looks at W's top 10% (at least as many as Delta W has).
             count = min(n, base_directions or max(rank, math.ceil(0.1 * n)))
             phi = subspace_similarity(singular_basis(delta, side)[:, :rank], singular_basis(weight, side)[:, :count])
             matrices[path] = {"rows": rank, "columns": count, "phi": phi}
@@ -556,8 +560,7 @@ def amplification(run_dir: Path, *, module: str | None, layer: int | None, outpu
     rows = []
     with torch.no_grad():
         for p in paths:
-            pair = adapted.variant.layers[p].low_rank_factors()
-            r = rank or (pair[1].shape[0] if pair is not None else adapted.variant.config.r)
+            r = rank or adapter_rank(adapted, p)
             numbers = amplification_numbers(adapted.start_weight(p), adapted.update(p), r, samples, seed)
             rows.append({"path": p, "layer": where[p][0], "module": where[p][1], **numbers})
     data = {
@@ -609,8 +612,11 @@ def ranks(run_dir: Path, *, output: Path | None) -> Result:
             f"is nothing to draw; analyze ranks shows those of {', '.join(variants_with_artifacts())} runs"
         )
     _, variant = load_adapted(run)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     files = variant.write_artifacts(folder)
     if not files:
+        if created:
+            folder.rmdir()
         raise LorafamError(f"{run_dir}: the {variant.name} run recorded no decision to draw (did training finish?)")
     return Result(data={"files": [str(f) for f in files]}, files=files, notes=variant.report())
