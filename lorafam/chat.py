@@ -100,6 +100,10 @@ def open_target(target: str | Path) -> Target:
             description = f"model {target}"
         model = load_model(cfg)
     tokenizer = load_tokenizer(cfg)
+    from lorafam.quant import has_quantized_layers
+
+    if torch.cuda.is_available() and not has_quantized_layers(model):  # (4-bit models are placed at load)
+        model.to("cuda")
     model.eval()
     return Target(model=model, tokenizer=tokenizer, variant=variant, description=description)
 
