@@ -1,4 +1,4 @@
-"""The `lorafam` command: train, merge, eval, inspect, compare.
+"""The `lorafam` command: train, merge, eval, inspect, compare, export, analyze, chat, generate.
 
 Every command turns a LorafamError (bad input) into one line on stderr and exit code 2.
 """
@@ -265,3 +265,173 @@ def main() -> None:
     flush_denormals()
     quiet_libraries()
     app()
+
+
+# --------------------------------------------------------------------------------------------------
+# lorafam analyze: the papers' own analyses (logic in lorafam/analyze.py)
+
+analyze_app = typer.Typer(
+    help="The papers' own analyses of trained adapters: subspace, decomposition, amplification, ranks.",
+    no_args_is_help=True,
+)
+app.add_typer(analyze_app, name="analyze")
+
+RunArgument = Annotated[Path, typer.Argument(help="A finished run folder (train's output_dir).")]
+OutputOption = Annotated[
+    Path | None, typer.Option("--output", "-o", help="Folder for the PNG and JSON files (default: RUN/analysis).")
+]
+ModuleOption = Annotated[str | None, typer.Option("--module", help="Only adapted modules with this name, e.g. q_proj.")]
+LayerOption = Annotated[int | None, typer.Option("--layer", help="Only this block index, e.g. 3.")]
+
+
+def _print_analysis(result: Any) -> None:
+    if result.table is not None:
+        out.print(result.table)
+    for line in result.notes:
+        out.print(line, markup=False, soft_wrap=True)
+    for path in result.files:
+        out.print(f"wrote {path}", markup=False, soft_wrap=True)
+
+
+@analyze_app.command("subspace")
+@user_errors
+def analyze_subspace(
+    run_a: RunArgument,
+    run_b: Annotated[
+        Path | None, typer.Argument(help="A second run to compare with (e.g. r=64 against r=8); omitted: compare RUN_A's update with W.")
+    ] = None,
+    module: ModuleOption = None,
+    layer: LayerOption = None,
+    matrix: Annotated[str, typer.Option("--matrix", help="A: input side (A's right-singular vectors); B: output side (B's left-singular vectors).")] = "A",
+    base_directions: Annotated[
+        int | None, typer.Option("--base-directions", help="One run: how many of W's top directions to compare with (default 10% of its smaller side).")
+    ] = None,
+    output: OutputOption = None,
+) -> None:
+    """LoRA paper 7.2: subspace similarity phi(i, j) of two runs' A (or B) matrices; heatmap + JSON."""
+    from lorafam.analyze import subspace
+
+    _print_analysis(subspace(run_a, run_b, module=module, layer=layer, side=matrix, output=output, base_directions=base_directions))
+
+
+@analyze_app.command("decomposition")
+@user_errors
+def analyze_decomposition(run: RunArgument, module: ModuleOption = None, layer: LayerOption = None, output: OutputOption = None) -> None:
+    """DoRA paper 3.2: magnitude and direction change of the merged weights over the run's checkpoints."""
+    from lorafam.analyze import decomposition
+
+    _print_analysis(decomposition(run, module=module, layer=layer, output=output,
+                                  warn=lambda line: err.print(line, markup=False, soft_wrap=True)))
+
+
+@analyze_app.command("amplification")
+@user_errors
+def analyze_amplification(
+    run: RunArgument,
+    module: ModuleOption = None,
+    layer: LayerOption = None,
+    rank: Annotated[int | None, typer.Option("--rank", help="Directions to project on (default: the adapter's rank).")] = None,
+    samples: Annotated[int, typer.Option("--samples", help="Random direction draws to average.")] = 10,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random directions.")] = 0,
+    output: OutputOption = None,
+) -> None:
+    """LoRA paper 7.3: how much Delta W amplifies directions of W; table + JSON."""
+    from lorafam.analyze import amplification
+
+    _print_analysis(amplification(run, module=module, layer=layer, output=output, rank=rank, samples=samples, seed=seed))
+
+
+@analyze_app.command("ranks")
+@user_errors
+def analyze_ranks(run: RunArgument, output: OutputOption = None) -> None:
+    """What the variant decided in training (AdaLoRA's ranks, LoRA-drop's kept layers), as heatmaps."""
+    from lorafam.analyze import ranks
+
+    _print_analysis(ranks(run, output=output))
+
+
+# --------------------------------------------------------------------------------------------------
+# lorafam chat / generate (logic in lorafam/chat.py)
+
+TargetArgument = Annotated[
+    str, typer.Argument(help="A run folder (its adapter), a recipe .yaml (its base model), a model folder, or a packaged alias.")
+]
+MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", help="Longest answer, in tokens.")]
+TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling: keep the smallest token set with this much probability.")]
+SystemOption = Annotated[str | None, typer.Option("--system", help="A system message put first in the conversation.")]
+SeedOption = Annotated[int | None, typer.Option("--seed", help="Seed for sampling (temperature > 0).")]
+
+
+@app.command()
+@user_errors
+def chat(
+    target: TargetArgument,
+    temperature: Annotated[float, typer.Option("--temperature", help="0: greedy (deterministic).")] = 0.7,
+    top_p: TopP = 0.9,
+    max_new_tokens: MaxNewTokens = 256,
+    system: SystemOption = None,
+    seed: SeedOption = None,
+    show_prompt: Annotated[bool, typer.Option("--show-prompt", help="Print each prompt's token count on stderr.")] = False,
+) -> None:
+    """Chat with a run's adapted model (or a base or merged model), streaming the answers."""
+    from lorafam.chat import Settings, chat as run_chat, open_target
+
+    settings = Settings(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed).check()
+    interactive = sys.stdin.isatty()
+
+    def read() -> str | None:
+        if interactive:
+            try:
+                return input("you> ")
+            except EOFError:
+                return None
+        line = sys.stdin.readline()
+        return line.rstrip("\n") if line else None
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    loaded = open_target(target)
+    run_chat(loaded, settings, read, write, lambda line: err.print(line, markup=False, soft_wrap=True), system, show_prompt)
+
+
+@app.command(name="generate")
+@user_errors
+def generate_command(
+    target: TargetArgument,
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="The prompt.")] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help='JSONL file, one {"prompt": ...} per line.')] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object per prompt on stdout.")] = False,
+    compare_base: Annotated[bool, typer.Option("--compare-base", help="Also answer with the adapter disabled (the base model).")] = False,
+    temperature: Annotated[float, typer.Option("--temperature", help="0: greedy (deterministic).")] = 0.0,
+    top_p: TopP = 1.0,
+    max_new_tokens: MaxNewTokens = 128,
+    system: SystemOption = None,
+    seed: SeedOption = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Feed the prompt as is, without the chat template.")] = False,
+) -> None:
+    """One-shot generation for scripts: answers to --prompt or each prompt of --file."""
+    from lorafam.chat import Settings, answer_prompts, open_target, read_prompts
+
+    if (prompt is None) == (file is None):
+        raise LorafamError("give exactly one of --prompt TEXT or --file prompts.jsonl")
+    settings = Settings(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed).check()
+    prompts = [prompt] if prompt is not None else read_prompts(file)
+    loaded = open_target(target)
+    rows = answer_prompts(loaded, prompts, settings, system=system, raw=raw, compare_base=compare_base)
+    for row in rows:
+        if json_output:
+            sys.stdout.write(json.dumps(row) + "\n")
+        elif compare_base:
+            from rich.text import Text  # plain text: a prompt like "[b]" is not rich markup
+
+            table = Table(title=Text(row["prompt"]), show_lines=True)
+            table.add_column("base")
+            table.add_column(Text(f"adapted ({target})"))
+            table.add_row(*(Text(row[k] or "(nothing before end of text)") for k in ("base_output", "output")))
+            out.print(table)
+        else:
+            if len(rows) > 1:
+                out.print(f"### {row['prompt']}", markup=False, soft_wrap=True)
+            out.print(row["output"], markup=False, soft_wrap=True)

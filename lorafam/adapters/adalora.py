@@ -18,7 +18,6 @@ with Lambda = 0) so a resumed run continues exactly.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +25,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from lorafam.adapters.base import PEFT_PREFIX, AdapterConfig, AdapterLayer, Variant, dropout_module
+from lorafam.adapters.base import PEFT_PREFIX, AdapterConfig, AdapterLayer, Variant, dropout_module, grid_positions
 from lorafam.errors import LorafamError
 
 TRIPLET = ("lora_A", "lora_B", "lora_E")  # Q, P, Lambda in PEFT's names
@@ -105,6 +104,11 @@ class AdaLoRALayer(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         # Masked triplets hold Lambda = 0 once allocated, so only live ones contribute.
         return self.lora_B @ (self.lora_A * self.lora_E) * self.alpha / (self.ranknum + 1e-5)
+
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P, Lambda Q) over the live triplets: their product is the update up to the scale."""
+        live = self.rank_mask.to(self.lora_A.device)
+        return self.lora_B[:, live], (self.lora_E * self.lora_A)[live]
 
     def adapter_named_tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in TRIPLET}  # ranknum is not saved (as PEFT)
@@ -328,11 +332,9 @@ class AdaLoRA(Variant):
     # Reporting
     def rank_table(self) -> tuple[list[str], list[str], dict[tuple[str, str], int]]:
         """(layers, modules, rank by (layer, module)) from the module paths."""
-        split = {path: _layer_and_module(path) for path in self.layers}
-        rests = [rest for _, rest in split.values()]
-        short = {rest: _shortest_unique_suffix(rest, rests) for rest in rests}
+        where = grid_positions(list(self.layers))
         ranks = self.ranks()
-        cells = {(layer, short[rest]): ranks[path] for path, (layer, rest) in split.items()}
+        cells = {where[path]: ranks[path] for path in self.layers}
         layers = list(dict.fromkeys(layer for layer, _ in cells))
         modules = list(dict.fromkeys(module for _, module in cells))
         return layers, modules, cells
@@ -385,22 +387,3 @@ class AdaLoRA(Variant):
         fig.savefig(tmp, format="png", dpi=120)
         os.replace(tmp, path)
         return [path]
-
-
-def _layer_and_module(path: str) -> tuple[str, str]:
-    """'model.layers.3.self_attn.q_proj' -> ('3', 'self_attn.q_proj'); no block index -> ('-', path)."""
-    parts = path.split(".")
-    for i, part in enumerate(parts):
-        if re.fullmatch(r"\d+", part) and i + 1 < len(parts):
-            return part, ".".join(parts[i + 1 :])
-    return "-", path
-
-
-def _shortest_unique_suffix(rest: str, all_rests: list[str]) -> str:
-    parts = rest.split(".")
-    others = {r for r in all_rests if r != rest}
-    for k in range(1, len(parts) + 1):
-        suffix = ".".join(parts[-k:])
-        if not any(o == suffix or o.endswith("." + suffix) for o in others):
-            return suffix
-    return rest

@@ -15,7 +15,9 @@ looks at a variant's name.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -88,6 +90,25 @@ class AdapterLayer(nn.Module):
         """The update to the base weight, shape (out, in), in the base weight's dtype."""
         raise NotImplementedError
 
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The update's low-rank pair (B: out x r, A: r x in) as trained, or None where there is none.
+
+        What the LoRA paper's subspace analysis compares (its section 7.2): A's right-singular
+        vectors span the input directions the update reads, B's left-singular vectors the output
+        directions it writes. For LoRA the whole update is scale * B @ A; a variant whose update
+        adds more on top (DoRA's row rescaling, Delta-LoRA's moved W) returns the pair it trains.
+        Default: None (e.g. GLoRA, whose update is no single product).
+        """
+        return None
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """What the original pre-trained layer computes on ``x``, with the adapter out of the way.
+
+        Default ``base_layer(x)``. A layer whose init rewrote W (PiSSA keeps the residual there)
+        overrides this to add back what it took out.
+        """
+        return self.base_layer(x)
+
     def merged(self) -> nn.Linear:
         """A plain ``nn.Linear`` computing what this layer computes. Default: W + delta weight.
 
@@ -119,6 +140,18 @@ class AdapterLayer(nn.Module):
         live = self.adapter_named_tensors()
         for name, value in tensors.items():
             copy_into(live[name], value)
+
+
+class _BaseOnly(nn.Module):
+    """Stands in for an adapter layer inside ``Variant.disabled()``: the base function only."""
+
+    def __init__(self, layer: AdapterLayer):
+        super().__init__()
+        self.layer = layer
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer.base_forward(x)
 
 
 def dropout_module(p: float) -> nn.Module:
@@ -286,6 +319,27 @@ class Variant:
             if key not in layer_keys:
                 copy_into(targets[key], value)
 
+    @contextmanager
+    def disabled(self) -> Iterator[nn.Module]:
+        """Inside the block the model computes its base function: every adapter layer is bypassed.
+
+        Each adapter layer is swapped out of the model for a stand-in that calls its
+        ``base_forward`` (W0 x + b, the original W for PiSSA), and swapped back on exit, so the same
+        loaded model answers as the base and as the adapted model (``lorafam generate
+        --compare-base``) without a second copy of the weights. Modules trained in full
+        (``modules_to_save``) keep their trained values: the base's own copies are not kept.
+        """
+        swapped: list[tuple[nn.Module, str, AdapterLayer]] = []
+        try:
+            for path, layer in self.layers.items():
+                parent, attr = _parent_of(self.model, path)
+                setattr(parent, attr, _BaseOnly(layer))
+                swapped.append((parent, attr, layer))
+            yield self.model
+        finally:
+            for parent, attr, layer in swapped:
+                setattr(parent, attr, layer)
+
     def merge(self) -> nn.Module:
         """Replace every adapter layer by a plain linear computing the same function."""
         for path, layer in self.layers.items():
@@ -375,3 +429,32 @@ def _parent_of(model: nn.Module, path: str) -> tuple[nn.Module, str]:
 def kaiming_uniform_(tensor: torch.Tensor) -> torch.Tensor:
     """nn.Linear's default init (what LoRA's A starts from in the reference implementation)."""
     return nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+
+
+def grid_positions(paths: list[str]) -> dict[str, tuple[str, str]]:
+    """Each module path as (block index, shortest module name that is unique among ``paths``).
+
+    'model.layers.3.self_attn.q_proj' -> ('3', 'q_proj'); a path with no block index gets '-' as its
+    layer. The (layer, module) grid of rank maps, importance maps and per-module analyses.
+    """
+    split = {path: _layer_and_rest(path) for path in paths}
+    rests = [rest for _, rest in split.values()]
+    return {path: (layer, _shortest_unique_suffix(rest, rests)) for path, (layer, rest) in split.items()}
+
+
+def _layer_and_rest(path: str) -> tuple[str, str]:
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if re.fullmatch(r"\d+", part) and i + 1 < len(parts):
+            return part, ".".join(parts[i + 1 :])
+    return "-", path
+
+
+def _shortest_unique_suffix(rest: str, all_rests: list[str]) -> str:
+    parts = rest.split(".")
+    others = {r for r in all_rests if r != rest}
+    for k in range(1, len(parts) + 1):
+        suffix = ".".join(parts[-k:])
+        if not any(o == suffix or o.endswith("." + suffix) for o in others):
+            return suffix
+    return rest

@@ -55,11 +55,23 @@ class LoRALayer(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_B.weight, self.lora_A.weight
+
     # ----------------------------------------------------------------------------------------------
     # PiSSA
     @property
     def is_pissa(self) -> bool:
         return hasattr(self, "pissa_A0")
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if not self.is_pissa:
+            return out
+        # W holds the residual W - s B0 A0: add the principal part back to get the original layer.
+        h = x.to(self.pissa_A0.dtype)
+        principal = (h @ self.pissa_A0.T) @ self.pissa_B0.T
+        return out + (self.scaling * principal).to(out.dtype)
 
     @torch.no_grad()
     def pissa_init(self) -> None:

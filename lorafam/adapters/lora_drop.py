@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from lorafam.adapters.base import PEFT_PREFIX
+from lorafam.adapters.base import PEFT_PREFIX, grid_positions
 from lorafam.adapters.lora import LoRA, LoRAConfig, LoRALayer
 from lorafam.distributed import all_reduce_sum, rank, world_size
 from lorafam.errors import LorafamError
@@ -111,6 +112,10 @@ class LoRADropLayer(LoRALayer):
     def delta_weight(self) -> torch.Tensor:
         lora_A, lora_B = self.pair()
         return (lora_B.weight @ lora_A.weight) * self.scaling
+
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lora_A, lora_B = self.pair()
+        return lora_B.weight, lora_A.weight
 
 
 def shape_key(layer: nn.Module) -> str:
@@ -312,6 +317,30 @@ class LoRADrop(LoRA):
             "lora_drop_kept": rec.get("kept"),
             "lora_drop_shared": rec.get("shared"),
         }
+
+    def write_artifacts(self, folder: Path) -> list[Path]:
+        """lora_drop_importance.png: each layer's share of the importance, kept layers framed."""
+        rec = self.record
+        if not rec:
+            return []  # no probe run yet: nothing decided
+        from lorafam.plots import grid_heatmap, new_figure, save_png
+
+        where = grid_positions(list(self.layers))  # model order
+        cells = {where[p]: g for p, g in rec["importance"].items()}
+        rows = list(dict.fromkeys(layer for layer, _ in where.values()))
+        columns = list(dict.fromkeys(module for _, module in where.values()))
+        fig = new_figure(max(5.0, 1.6 + 0.9 * len(columns)), max(3.0, 1.4 + 0.3 * len(rows)))
+        ax = fig.add_subplot()
+        image = grid_heatmap(
+            ax, rows, columns, cells, fmt="{:.3f}", marked={where[p] for p in rec["kept"]}, cmap="viridis", vmin=0
+        )
+        ax.set_xlabel("module")
+        ax.set_ylabel("layer")
+        ax.set_title(
+            f"LoRA-drop importance (framed: {len(rec['kept'])} kept, covering {rec['threshold']:g})", fontsize=9
+        )
+        fig.colorbar(image, ax=ax, label="importance (share)")
+        return [save_png(fig, Path(folder) / "lora_drop_importance.png")]
 
     def report(self) -> list[str]:
         cfg = self.config

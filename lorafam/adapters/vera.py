@@ -100,6 +100,11 @@ class VeRALayer(AdapterLayer):
         vera_A, vera_B = self.sliced_projections()
         return (self.vera_lambda_b[:, None] * vera_B) @ (self.vera_lambda_d[:, None] * vera_A)
 
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shared projections scaled by this layer's trained vectors: (Lambda_b B, Lambda_d A)."""
+        vera_A, vera_B = self.sliced_projections()
+        return self.vera_lambda_b[:, None] * vera_B, self.vera_lambda_d[:, None] * vera_A
+
 
 class VeRA(Variant):
     name = "vera"
