@@ -10,7 +10,9 @@ The norm is computed without forming V (out x in) every step. Per output row,
     ||W0 + s B A||^2 = ||W0||^2 + 2 s rowsum((W0 A^T) * B) + s^2 rowsum((B (A A^T)) * B)
 
 where ||W0||^2 never changes (W0 is frozen) and is cached, and the rest costs one (out x in x r)
-product and (out x r)-sized work: about half the time of forming V and taking its norm.
+product and (out x r)-sized work: about half the time of forming V and taking its norm. It equals
+the direct norm to fp32 rounding (tests/test_vera_dora.py); only a row that s B A nearly cancels
+(||V|| << ||W0||) would lose relative precision, about eps * ||W0||^2 / ||V||^2.
 
 The forward pass reuses the base layer's output instead of a second full matmul. With
 base = W0 x + b and k = m / ||V||_c, and k * s folded into the rows of B (an out x r product, not a
