@@ -13,6 +13,7 @@ import pytest
 import torch
 from peft import LoraConfig, VeraConfig, get_peft_model
 from test_variants import R, inputs, logits, make_model, perturb
+from tinyrun import adapter_section, cli, make_model_folder, write_recipe
 
 from lorafam.adapters import build_variant
 from lorafam.adapters.base import PEFT_PREFIX
@@ -421,6 +422,16 @@ def test_dora_fast_norm_on_a_4bit_base():
     expected_weight = layer.lora_magnitude_vector[:, None] * v / v.norm(dim=1, keepdim=True)
     x = torch.randn(5, 128)
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, expected_weight, bias), atol=1e-5, rtol=1e-5)
+
+
+def test_inspect_adapts_dora_on_the_meta_device(tmp_path):
+    """`lorafam inspect` builds the model on the meta device (no weights): DoRA's norm, computed at
+    injection, must work there too (autocast has no meta device to switch off)."""
+    folder = make_model_folder(tmp_path / "model")
+    recipe = write_recipe(tmp_path / "r.yaml", folder, tmp_path / "unused.jsonl", tmp_path / "out", adapter_section("dora"))
+    result = cli("inspect", recipe)
+    assert result.exit_code == 0, result.output
+    assert "dora on" in result.output and "q_proj" in result.output
 
 
 def test_dora_config_checks():

@@ -29,6 +29,7 @@ matmul and merge) is dequantized on the fly by ``base_weight()``.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal
 
 import torch
@@ -85,7 +86,7 @@ class DoRALayer(LoRALayer):
         """
         dtype = self.base_norm_sq.dtype
         A, B, s = self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype), self.scaling
-        with torch.autocast(A.device.type, enabled=False):
+        with _autocast_off(A.device):
             cross = ((self.base_weight().to(dtype) @ A.T) * B).sum(dim=1)
             lora_sq = ((B @ (A @ A.T)) * B).sum(dim=1)
         # The first two terms are ||V||^2 - s^2 ||BA||^2 >= -s^2 ||BA||^2; only rounding can make the
@@ -137,6 +138,11 @@ class DoRALayer(LoRALayer):
         out = super().adapter_named_tensors()
         del out["base_norm_sq"]  # derived from W0, not part of the adapter
         return out
+
+
+def _autocast_off(device: torch.device) -> AbstractContextManager:
+    # The meta device (`lorafam inspect` builds models there) has no autocast to switch off.
+    return torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type) else nullcontext()
 
 
 def _refresh_after_load(layer: DoRALayer, incompatible_keys: object) -> None:
