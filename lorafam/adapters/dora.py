@@ -89,8 +89,7 @@ class DoRALayer(LoRALayer):
         with _autocast_off(A.device):
             cross = ((self.base_weight().to(dtype) @ A.T) * B).sum(dim=1)
             lora_sq = ((B @ (A @ A.T)) * B).sum(dim=1)
-        # The first two terms are ||V||^2 - s^2 ||BA||^2 >= -s^2 ||BA||^2; only rounding can make the
-        # sum of a (near-)zero row negative, and sqrt of that would be NaN.
+        # The sum is ||V||^2 >= 0; rounding alone can push a (near-)zero row below 0, where sqrt is NaN.
         return (self.base_norm_sq + 2 * s * cross + s * s * lora_sq).clamp_min(0).sqrt()
 
     def reset_magnitude(self) -> None:
