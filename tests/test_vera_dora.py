@@ -13,6 +13,7 @@ import pytest
 import torch
 from peft import LoraConfig, VeraConfig, get_peft_model
 from test_variants import R, inputs, logits, make_model, perturb
+from tinyrun import adapter_section, cli, make_model_folder, write_recipe
 
 from lorafam.adapters import build_variant
 from lorafam.adapters.base import PEFT_PREFIX
@@ -20,6 +21,7 @@ from lorafam.adapters.dora import DoRALayer
 from lorafam.adapters.vera import PROJECTION_KEYS, PROJECTIONS_ATTR
 from lorafam.errors import LorafamError
 from lorafam.modeling import head_modules
+from lorafam.quant import dequantized_weight, is_4bit
 from lorafam.recipe import load_recipe, validate_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -340,6 +342,96 @@ def test_dora_merge_folds_magnitude_and_direction():
     x = torch.randn(4, 6)
     torch.testing.assert_close(merged(x), layer(x), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(merged.bias, layer.base_layer.bias, atol=0, rtol=0)
+
+
+def direct_norm(layer: DoRALayer) -> torch.Tensor:
+    """||W0 + s B A||_c the obvious way, V formed in full, in the adapter's dtype: weight_norm's reference."""
+    A, B = layer.lora_A.weight, layer.lora_B.weight
+    return torch.linalg.vector_norm(dequantized_weight(layer.base_layer).to(A.dtype) + layer.scaling * B @ A, dim=1)
+
+
+def randomized(layer: DoRALayer, update_size: float) -> DoRALayer:
+    """A, B drawn so that ||s B A|| is about ``update_size`` times ||W0||."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        A, B = layer.lora_A.weight, layer.lora_B.weight
+        A.copy_(torch.randn(A.shape, generator=g))
+        B.copy_(torch.randn(B.shape, generator=g))
+        ratio = (layer.scaling * B @ A).norm() / dequantized_weight(layer.base_layer).float().norm()
+        B.mul_(update_size / ratio)
+    return layer
+
+
+@pytest.mark.parametrize("update_size", [1e-4, 1.0])
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-6), (torch.float64, 1e-13)])
+def test_dora_fast_norm_equals_the_direct_norm(dtype, rtol, update_size):
+    """weight_norm expands ||W0 + sBA||^2 (cached ||W0||^2, W0 A^T, A A^T) instead of forming V: it must
+    agree with V's norm to the dtype's rounding, for updates tiny and as large as W0 itself."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(512, 384, dtype=dtype).requires_grad_(False)
+    layer = randomized(DoRALayer(base, r=16, scaling=2.0, dropout=0.0).to(dtype), update_size)
+    fast, direct = layer.weight_norm(), direct_norm(layer)
+    assert fast.dtype == dtype and not fast.requires_grad
+    torch.testing.assert_close(fast, direct, rtol=rtol, atol=0)
+
+
+def test_dora_norm_cache_follows_dtype_and_base_weight():
+    """The cached ||W0||_c^2 is recomputed when the layer changes dtype (a cast fp32 cache would be
+    off by ~1e-8 in fp64) and when a state dict brings a new W0; it is never saved."""
+    torch.manual_seed(0)
+    layer = randomized(DoRALayer(torch.nn.Linear(256, 96).requires_grad_(False), r=8, scaling=2.0, dropout=0.0), 0.5)
+    assert "base_norm_sq" not in layer.state_dict() and "base_norm_sq" not in layer.adapter_named_tensors()
+    layer.double()
+    assert layer.base_norm_sq.dtype == torch.float64
+    torch.testing.assert_close(layer.weight_norm(), direct_norm(layer), rtol=1e-13, atol=0)
+    state = layer.state_dict()
+    state["base_layer.weight"] = torch.randn_like(state["base_layer.weight"])
+    layer.load_state_dict(state)
+    torch.testing.assert_close(layer.weight_norm(), direct_norm(layer), rtol=1e-13, atol=0)
+    with torch.no_grad():
+        layer.set_base_weight(torch.randn_like(state["base_layer.weight"]))
+    torch.testing.assert_close(layer.weight_norm(), direct_norm(layer), rtol=1e-13, atol=0)
+
+
+def test_dora_norm_stays_fp32_under_bf16_autocast():
+    """Under autocast the norm's matmuls would run in bf16 and move every scale by up to ~0.4%."""
+    torch.manual_seed(0)
+    layer = randomized(DoRALayer(torch.nn.Linear(512, 384).requires_grad_(False), r=16, scaling=2.0, dropout=0.0), 0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = layer.weight_norm()
+    torch.testing.assert_close(fast, direct_norm(layer), rtol=1e-6, atol=0)
+
+
+def test_dora_fast_norm_on_a_4bit_base():
+    """On an NF4 base the norm is that of the dequantized W0 plus s B A, and the forward is the paper's
+    formula on that W0."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    weight, bias = torch.randn(96, 128) * 0.05, torch.randn(96) * 0.1
+    base = bnb.nn.Linear4bit(128, 96, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+    base.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True)
+    base.bias = torch.nn.Parameter(bias, requires_grad=False)
+    base = base.to("cpu")  # quantizes
+    assert is_4bit(base)
+    layer = randomized(DoRALayer(base, r=4, scaling=2.0, dropout=0.0), 0.5)
+    with torch.no_grad():
+        layer.lora_magnitude_vector.uniform_(0.5, 2.0)
+    torch.testing.assert_close(layer.weight_norm(), direct_norm(layer), rtol=1e-6, atol=0)
+    w0 = dequantized_weight(base).float()
+    v = w0 + layer.scaling * layer.lora_B.weight @ layer.lora_A.weight
+    expected_weight = layer.lora_magnitude_vector[:, None] * v / v.norm(dim=1, keepdim=True)
+    x = torch.randn(5, 128)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, expected_weight, bias), atol=1e-5, rtol=1e-5)
+
+
+def test_inspect_adapts_dora_on_the_meta_device(tmp_path):
+    """`lorafam inspect` builds the model on the meta device (no weights): DoRA's norm, computed at
+    injection, must work there too (autocast has no meta device to switch off)."""
+    folder = make_model_folder(tmp_path / "model")
+    recipe = write_recipe(tmp_path / "r.yaml", folder, tmp_path / "unused.jsonl", tmp_path / "out", adapter_section("dora"))
+    result = cli("inspect", recipe)
+    assert result.exit_code == 0, result.output
+    assert "dora on" in result.output and "q_proj" in result.output
 
 
 def test_dora_config_checks():
