@@ -454,8 +454,7 @@ def run_cli(variant: str, folder: Path, work: Path, args: argparse.Namespace) ->
         sys.exit(f"lorafam train ({variant}) failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}\n{proc.stdout[-2000:]}")
     metrics = [json.loads(line) for line in (work / f"run-{variant}" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [m for m in metrics if "tokens_per_s" in m and m.get("phase") is None and m["step"] > args.warmup]
-    tokens = args.batch * args.length
-    times = [m["step_s"] if "step_s" in m else tokens / m["tokens_per_s"] for m in train_rows]
+    times = [m["step_seconds"] for m in train_rows]  # seconds per step over each logging window
     return {"step_s": statistics.median(times), "steps": len(times), "loss": train_rows[-1]["loss"],
             "peak_rss": json.loads(reply[-1][len(PROTOCOL):])["peak_rss"], "mixed_precision": precision or "(unset)"}
 
