@@ -242,7 +242,7 @@ def test_chat_system_message_goes_first(setup):
 
 
 def test_chat_needs_a_chat_template(tmp_path):
-    folder = make_model_folder(tmp_path / "plain")  # word-level tokenizer, no template
+    folder = make_model_folder(tmp_path / "plain", chat_template=False)  # word-level tokenizer, no template
     result = run_cli("chat", folder, input="hello\n")
     assert result.exit_code == 2
     assert result.output.startswith("error: ") and result.output.count("\n") == 1

@@ -422,10 +422,22 @@ def test_qlora_run_exports_its_dequantized_merge(tmp_path):
     assert "qlora" in (tmp_path / "out" / "README.md").read_text()
 
 
-def test_qwen2_bias_llama_cpp_cannot_read_is_refused(tmp_path):
-    forms = {"A": "none", "B": "lora", "C": "none", "D": "none", "E": "vector"}
-    adapter = {"variant": "glora", "r": 4, "target_modules": ["o_proj"], "forms": forms}
-    run = build_run(tmp_path, "qwen2", adapter=adapter, steps=2)
+def test_qwen2_bias_llama_cpp_cannot_read_is_refused(tmp_path, monkeypatch):
+    """GLoRA no longer makes such a bias (it leaves C and E out where the config cannot declare one,
+    see tests/test_merge.py), so a merged model carrying one comes from elsewhere: here a merge
+    that adds a bias to o_proj. The export must still refuse to write what llama.cpp would drop."""
+    import lorafam.merge
+
+    run = build_run(tmp_path, "qwen2", steps=2)
+    merged_model = lorafam.merge.merged_model
+
+    def with_o_proj_bias(loaded):  # noqa: ANN001, ANN202
+        model = merged_model(loaded)
+        layer = model.model.layers[0].self_attn.o_proj
+        layer.bias = torch.nn.Parameter(torch.full((layer.out_features,), 0.1), requires_grad=False)
+        return model
+
+    monkeypatch.setattr(lorafam.merge, "merged_model", with_o_proj_bias)
     result = cli("export", run, "--output", tmp_path / "out")
     assert result.exit_code == 2
     assert "bias on model.layers.0.self_attn.o_proj" in result.output and "qwen2" in result.output

@@ -62,10 +62,11 @@ WORD_CHAT_TEMPLATE = (
 )
 
 
-def make_model_folder(folder: Path) -> Path:
+def make_model_folder(folder: Path, chat_template: bool = True) -> Path:
     """A Hugging Face model folder (config, safetensors weights, tokenizer) with random weights."""
     tokenizer = word_tokenizer()
-    tokenizer.chat_template = WORD_CHAT_TEMPLATE
+    if chat_template:
+        tokenizer.chat_template = WORD_CHAT_TEMPLATE
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer)))
     model.config.eos_token_id = tokenizer.eos_token_id
