@@ -343,7 +343,7 @@ def test_dora_merge_folds_magnitude_and_direction():
 
 
 def test_dora_config_checks():
-    with pytest.raises(LorafamError, match=r"adapter.init: DoRA supports init 'default' or 'gaussian'"):
+    with pytest.raises(LorafamError, match=r"adapter.init: Input should be 'default' or 'gaussian' \(got 'pissa'\)"):
         ours("llama", variant="dora", init="pissa")
     with pytest.raises(LorafamError, match=r"adapter.projection_seed: unknown key"):
         ours("llama", variant="dora", projection_seed=1)
