@@ -197,3 +197,20 @@ def test_saved_keys_are_the_ones_peft_names(name, arch, tmp_path):
     theirs = {k: tuple(v.shape) for k, v in peft.get_peft_model_state_dict(peft_model).items()}
     assert sorted(ours) == sorted(theirs)
     assert ours == theirs
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_exactly_the_listed_variants_refuse_dropout(name):
+    """tests/tinyrun.py runs every other variant with dropout on; a variant that starts or stops
+    refusing it must update that list (and so the resume tests' claim 'with dropout on')."""
+    from pydantic import ValidationError
+    from tinyrun import REFUSES_DROPOUT
+
+    assert REFUSES_DROPOUT <= set(VARIANTS)
+    keys = {"variant": name, "r": R, "target_modules": ["q_proj"]}
+    if name in REFUSES_DROPOUT:
+        with pytest.raises(ValidationError, match="dropout"):
+            VARIANTS[name].Config(**keys, dropout=0.1)
+    else:
+        assert VARIANTS[name].Config(**keys, dropout=0.1).dropout == 0.1
+    assert VARIANTS[name].Config(**keys, dropout=0.0).dropout == 0.0
