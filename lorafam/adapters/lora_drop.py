@@ -61,7 +61,7 @@ class LoRADropConfig(LoRAConfig):
         None,
         ge=1,
         description="Optimizer steps of the plain-LoRA run on the sample. Default: one pass over the "
-        "sample at the recipe's batch size.",
+        "sample in the recipe's global batches (batch_size x grad_accum x processes; the last one partial).",
     )
 
     @field_validator("sample_ratio", "threshold")
