@@ -24,6 +24,7 @@ stops the run (or skips the step, ``train.on_nan: skip``) instead of training on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -141,14 +142,18 @@ class BatchLayout:
     batch_size: int
     grad_accum: int
     processes: int = 1
+    #: Keep each pass's last, partial global batch: a preparatory phase's one pass over its sample
+    #: must see every example once. The main run drops it, so each of its steps is a full batch.
+    partial_last: bool = False
 
     @property
     def global_batch(self) -> int:
         return self.batch_size * self.grad_accum * self.processes
 
     def steps_per_epoch(self, n_examples: int) -> int:
-        """Whole global batches per pass (the last partial one is dropped); 1 for tiny data."""
-        return max(1, n_examples // self.global_batch)
+        """Global batches per pass (the last partial one dropped unless ``partial_last``); 1 for tiny data."""
+        whole, rest = divmod(n_examples, self.global_batch)
+        return max(1, whole + int(self.partial_last and rest > 0))
 
     def micro_batches(self, n_examples: int, seed: int, step: int, rank: int) -> list[list[int]]:
         """Example indices of this process's micro-batches in optimizer step ``step`` (1-based)."""
@@ -290,6 +295,8 @@ def set_up(
     cfg = recipe.train
     task = get_task(recipe.model.task)
     layout = layout_of(recipe, accelerator.num_processes)
+    if not phase.is_main:
+        layout = dataclasses.replace(layout, partial_last=True)
     if shards_parameters(accelerator) and not variant.supports_sharding:
         raise LorafamError(
             f"adapter.variant: {variant.name} cannot train with sharded parameters ({engine_name(accelerator)}): "

@@ -396,3 +396,31 @@ def test_shipped_recipe_loads():
     cfg = recipe.adapter
     assert cfg.tinit + cfg.tfinal < recipe.train.max_steps
     assert cfg.target_r < cfg.init_r
+
+
+def test_inspect_of_a_finished_run_prints_the_final_ranks_the_adapter_file_holds(tmp_path):
+    """Through the CLI: `lorafam inspect RUN_DIR` shows what training decided, and it is what the
+    saved adapter holds (PEFT's layout keeps only the live triplets: lora_E's length is the rank)."""
+    from safetensors.torch import load_file
+    from tinyrun import adapter_section, cli, make_model_folder, make_text_data, write_recipe
+
+    adapter = adapter_section("adalora", dropout=0.0) | {"target_modules": ["q_proj", "k_proj", "v_proj"]}
+    recipe = write_recipe(tmp_path / "ada.yaml", make_model_folder(tmp_path / "model"), make_text_data(tmp_path / "t.jsonl"),
+                          tmp_path / "run", adapter=adapter, train={"save_every": None, "lr": 5e-2})
+    assert cli("train", recipe).exit_code == 0
+    result = cli("inspect", tmp_path / "run")
+    assert result.exit_code == 0, result.output + result.stderr
+    lines = result.output.splitlines()
+    state = load_file(tmp_path / "run" / "adapter_model.safetensors")
+    saved = {k.removeprefix("base_model.model.").removesuffix(".lora_E"): v.shape[0] for k, v in state.items() if k.endswith("lora_E")}
+    assert len(saved) == 6 and sum(saved.values()) == 2 * 6  # target_r 2 per matrix on average
+    assert f"final rank per layer and module ({sum(saved.values())} live of {4 * 6}):" in lines
+    header = next(line for line in lines if line.startswith("layer "))
+    modules = header.split()[1:]
+    assert modules == ["q_proj", "k_proj", "v_proj"]
+    table = {row.split()[0]: row.split()[1:] for row in lines if row[:1].isdigit()}
+    shown = {f"model.layers.{layer}.self_attn.{m}": int(r) for layer, ranks in table.items() for m, r in zip(modules, ranks)}
+    assert shown == saved
+    assert len(set(saved.values())) > 1, "every matrix kept the same rank: nothing was allocated"
+    config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert {k.removesuffix(".lora_E"): sum(v) for k, v in config["rank_pattern"].items()} == saved

@@ -6,8 +6,10 @@ The train run is a real subprocess (as a user runs it); the commands after it ru
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +23,7 @@ from lorafam.merge import load_adapted
 from lorafam.recipe import apply_override, load_recipe
 from lorafam.run import open_run
 
-COMMANDS = ("train", "merge", "eval", "inspect")
+ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +39,49 @@ def trained(tmp_path_factory):
     return root, recipe, result
 
 
-def test_help_lists_every_command():
+def help_commands(text: str) -> list[str]:
+    """The command names in the "Commands" panel of a --help screen, in order (rich's box: one row per
+    command, its name in the first column; a wrapped description continues on rows with no name)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if re.match(r"^\s*╭─ Commands ─", line))
+    names = []
+    for line in lines[start + 1 :]:
+        if line.lstrip().startswith("╰"):
+            return names
+        row = line.strip().removeprefix("│").removeprefix(" ")  # the box's edge and its one-space margin
+        if row[:1].strip():
+            names.append(row.split()[0])
+    raise AssertionError("the Commands panel is not closed")
+
+
+def readme_commands() -> dict[str, str]:
+    """Each command line of the README's "Commands" block: name -> the rest of the line."""
+    block = README_COMMANDS.search((ROOT / "README.md").read_text()).group(1)
+    return {line.split()[1]: line for line in block.splitlines() if line.startswith("lorafam ")}
+
+
+README_COMMANDS = re.compile(r"## Commands\n.*?```bash\n(.*?)```", re.S)
+
+
+def test_help_lists_exactly_the_commands_the_readme_documents():
     result = cli("--help")
     assert result.exit_code == 0
-    for command in COMMANDS:
-        assert command in result.output
+    listed = help_commands(result.output)
+    assert len(listed) == len(set(listed))
+    assert sorted(listed) == sorted(readme_commands())
+    analyze = help_commands(cli("analyze", "--help").output)
+    assert "analyze " + "|".join(analyze) + " RUN_DIR" in readme_commands()["analyze"]
+    for command in listed:  # each one answers its own --help, with its own usage line
+        own = cli(command, "--help")
+        assert own.exit_code == 0 and f" {command} [OPTIONS]" in own.output, command
 
 
 def test_python_dash_m_lorafam_works():
-    result = subprocess.run([sys.executable, "-m", "lorafam", "--help"], capture_output=True, text=True, env=cli_env())
+    result = subprocess.run([sys.executable, "-m", "lorafam", "--help"], capture_output=True, text=True,
+                            env=cli_env() | {"COLUMNS": "120"})
     assert result.returncode == 0, result.stderr
-    assert all(command in result.stdout for command in COMMANDS)
+    assert "Usage: python -m lorafam [OPTIONS] COMMAND" in result.stdout
+    assert sorted(help_commands(result.stdout)) == sorted(readme_commands())
 
 
 def test_train_writes_a_complete_run_folder(trained):
@@ -173,10 +207,34 @@ def test_bad_rows_are_counted_in_the_summary_and_run_json(tmp_path, trained):
     }
 
 
-def test_final_adapter_equals_the_last_trained_weights(trained):
-    # The final file is the live adapter after the last step, not a stale checkpoint copy.
+def test_final_adapter_equals_the_last_trained_weights(trained, tmp_path, monkeypatch):
+    """The final file is the live adapter right after the last optimizer step (not a stale checkpoint
+    copy, nor touched by the eval and sample after it): bitwise, against the in-process state."""
+    import lorafam.trainer as trainer
+    from lorafam import api
+
     root, _, _ = trained
-    final = load_file(root / "run" / "adapter_model.safetensors")
-    last_checkpoint = load_file(root / "run" / "checkpoints" / "step-000004" / "adapter_model.safetensors")
-    assert final.keys() == last_checkpoint.keys()
-    assert any(not torch.equal(final[k], last_checkpoint[k]) for k in final)
+    recipe = write_recipe(tmp_path / "r.yaml", root / "model", root / "train.jsonl", tmp_path / "run",
+                          train={"max_steps": 6, "save_every": 2, "keep_last": None})
+    after_step: dict[int, dict[str, torch.Tensor]] = {}
+    original = trainer.optimizer_step
+
+    def recording(session, step, skip_nonfinite):
+        outcome = original(session, step, skip_nonfinite)
+        after_step[step] = {k: v.clone() for k, v in session.variant.adapter_state_dict().items()}
+        return outcome
+
+    monkeypatch.setattr(trainer, "optimizer_step", recording)
+    result = api.train(recipe)
+    assert sorted(after_step) == [1, 2, 3, 4, 5, 6]
+    final = load_file(tmp_path / "run" / "adapter_model.safetensors")
+    assert final.keys() == after_step[6].keys()
+    for key in final:
+        assert torch.equal(final[key], after_step[6][key]), key
+        assert torch.equal(result.variant.adapter_state_dict()[key], final[key]), key
+    assert any(not torch.equal(final[k], after_step[5][k]) for k in final)  # step 6 did change it
+    last_checkpoint = load_file(tmp_path / "run" / "checkpoints" / "step-000004" / "adapter_model.safetensors")
+    assert all(torch.equal(last_checkpoint[k], after_step[4][k]) for k in final)
+    # and the subprocess run of the same recipe wrote the same adapter
+    from_subprocess = load_file(root / "run" / "adapter_model.safetensors")
+    assert all(torch.equal(from_subprocess[k], final[k]) for k in final)

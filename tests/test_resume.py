@@ -44,9 +44,6 @@ from lorafam.recipe import TrainConfig
 from lorafam.run import ADAPTER_WEIGHTS
 
 STEPS = 12  # tinyrun's recipe: 12 steps, a checkpoint every 2, keep_last 3 (the default)
-# The variants whose resume the issue names; killed from outside with SIGKILL. Every registered
-# variant gets the in-process interrupt/resume test below.
-SIGKILL_VARIANTS = [v for v in ("lora", "adalora", "delta_lora") if v in VARIANTS]
 
 
 @pytest.fixture(scope="module")
@@ -60,20 +57,22 @@ def recipe_for(tmp_path: Path, assets, variant: str = "lora", name: str = "run",
     return write_recipe(tmp_path / f"{name}.yaml", model, data, tmp_path / name, adapter=adapter_section(variant), train=train)
 
 
-_references: dict[str, tuple[dict[str, torch.Tensor], list[dict]]] = {}
+_references: dict[tuple, tuple[dict[str, torch.Tensor], list[dict]]] = {}
 
 
-def reference(variant: str, tmp_path_factory, assets) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """The uninterrupted run of ``variant``: final adapter tensors and metrics rows (computed once)."""
-    if variant not in _references:
+def reference(variant: str, tmp_path_factory, assets, **train) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """The uninterrupted run of ``variant`` (with ``train`` overrides): final adapter tensors and
+    metrics rows (computed once per setting)."""
+    key = (variant, tuple(sorted(train.items())))
+    if key not in _references:
         folder = tmp_path_factory.mktemp(f"reference-{variant}")
-        result = cli("train", recipe_for(folder, assets, variant))
+        result = cli("train", recipe_for(folder, assets, variant, **train))
         assert result.exit_code == 0, result.output + result.stderr
         run_dir = folder / "run"
-        # keep_last: 3 of the 5 checkpoints (steps 2..10) remain; the final step writes none.
-        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000006", "step-000008", "step-000010"]
-        _references[variant] = (load_file(run_dir / ADAPTER_WEIGHTS), comparable(read_metrics(run_dir)))
-    return _references[variant]
+        if not train:  # keep_last: 3 of the 5 checkpoints (steps 2..10) remain; the final step writes none.
+            assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000006", "step-000008", "step-000010"]
+        _references[key] = (load_file(run_dir / ADAPTER_WEIGHTS), comparable(read_metrics(run_dir)))
+    return _references[key]
 
 
 def comparable(rows: list[dict]) -> list[dict]:
@@ -150,81 +149,191 @@ def test_sigint_exits_130_with_the_resume_command_including_overrides(tmp_path, 
     assert (tmp_path / "run" / "checkpoints" / "step-000003").is_dir()
 
 
-# --------------------------------------------------------------------------------------------------
-# Killed from outside
+ACCUM = {"grad_accum": 2}  # global batch 8: 56 training rows make 7 steps per epoch, so 12 steps cross one
 
 
-# The CLI as a user runs it, with each logged step slowed by 0.25 s so the test can kill it mid-run
-# whatever the machine's speed. Nothing else is changed.
-SLOW_CLI = (
-    "import sys, time, lorafam.trainer as t; w = t.write_metrics; "
-    "t.write_metrics = lambda h, row: (w(h, row), time.sleep(0.25)); "
-    "from lorafam.cli import main; sys.argv[0] = 'lorafam'; main()"
+def test_the_accumulated_runs_cross_an_epoch_boundary(tmp_path, assets):
+    from lorafam.data import prepare_data
+    from lorafam.recipe import load_recipe
+    from lorafam.trainer import BatchLayout
+
+    spec = load_recipe(recipe_for(tmp_path, assets, **ACCUM))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(assets[0])
+    n_train = len(prepare_data(spec.data, tokenizer, spec.model.task, spec.train.seed).train)
+    assert BatchLayout(spec.train.batch_size, spec.train.grad_accum).steps_per_epoch(n_train) == 7 < 9 < STEPS < 14
+
+
+@pytest.mark.parametrize(
+    "variant, stop_at",
+    # after the epoch boundary (the data position must come back in epoch 2) for the variants whose
+    # state depends on the step (AdaLoRA's budget, Delta-LoRA's start, LoRA-drop's probe phase), and
+    # before it for LoRA (the resumed run then crosses it)
+    [("lora", 9), ("adalora", 9), ("delta_lora", 9), ("lora_drop", 9), ("lora", 5)],
 )
-
-
-def start_slow_train(recipe: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-c", SLOW_CLI, "train", str(recipe)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(),
-    )
-
-
-def wait_for_step(process: subprocess.Popen, run_dir: Path, step: int, timeout: float = 240) -> None:
-    """Until metrics.jsonl has a training row at ``step`` or later (and the process still runs)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"train exited early ({process.returncode}): {process.stderr.read()}"
-        try:
-            rows = read_metrics(run_dir)
-        except (OSError, json.JSONDecodeError):
-            rows = []
-        if any(r.get("step", 0) >= step and "loss" in r for r in rows):
-            return
-        time.sleep(0.02)
-    process.kill()
-    pytest.fail(f"no step {step} within {timeout} s")
-
-
-@pytest.mark.parametrize("variant", SIGKILL_VARIANTS)
-def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(variant, tmp_path, tmp_path_factory, assets):
-    expected_adapter, expected_rows = reference(variant, tmp_path_factory, assets)
-    recipe = recipe_for(tmp_path, assets, variant)
+def test_resume_with_grad_accum_across_an_epoch_boundary_matches_uninterrupted_run(
+    variant, stop_at, tmp_path, tmp_path_factory, assets, monkeypatch
+):
+    expected_adapter, expected_rows = reference(variant, tmp_path_factory, assets, **ACCUM)
+    recipe = recipe_for(tmp_path, assets, variant, **ACCUM)
     run_dir = tmp_path / "run"
-    process = start_slow_train(recipe)
-    wait_for_step(process, run_dir, 5)  # past the step-4 checkpoint, somewhere in step 5 or 6
-    process.kill()
-    assert process.wait() == -signal.SIGKILL
-    killed_at = max(r["step"] for r in read_metrics(run_dir) if "loss" in r)
-    assert killed_at < STEPS and not (run_dir / ADAPTER_WEIGHTS).exists()
-
+    signal_at(monkeypatch, stop_at, signal.SIGTERM)
+    assert cli("train", recipe).exit_code == 143
+    monkeypatch.undo()
     resumed = cli("train", recipe, "--resume")
     assert resumed.exit_code == 0, resumed.output + resumed.stderr
-    newest = find_latest_checkpoint(run_dir, print)
-    assert "resuming from" in resumed.output and newest is not None
+    assert f"resuming from {run_dir}/checkpoints/step-{stop_at:06d} (step {stop_at}/{STEPS})" in resumed.output
+    assert json.loads((run_dir / "run.json").read_text())["resumed_from"] == [stop_at]
     assert_same_adapter(run_dir, expected_adapter)
     assert comparable(read_metrics(run_dir)) == expected_rows
 
 
-def test_sigterm_from_outside_checkpoints_and_prints_the_resume_command(tmp_path, tmp_path_factory, assets):
-    expected_adapter, _ = reference("lora", tmp_path_factory, assets)
-    recipe = recipe_for(tmp_path, assets)
-    run_dir = tmp_path / "run"
-    process = start_slow_train(recipe)
-    wait_for_step(process, run_dir, 3)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 143
-    last = stderr.strip().splitlines()[-1]
-    assert last.startswith("error: interrupted by SIGTERM after step ")
-    assert last.endswith(f"; resume with: lorafam train {recipe} --resume")
-    step = int(last.split("after step ")[1].split(";")[0])
-    assert 3 <= step < STEPS
-    assert verify_checkpoint(run_dir / "checkpoints" / f"step-{step:06d}")["step"] == step
+# --------------------------------------------------------------------------------------------------
+# Killed from outside
+
+
+# The CLI as a user runs it, held right after it logs training step LORAFAM_TEST_HOLD_STEP until the
+# test creates HOLD_DIR/release, so the test signals or kills it at a known point of the run however
+# slow the machine is (it waits for HOLD_DIR/held, not for a time). While held it also says, with
+# HOLD_DIR/signalled, that its SIGINT/SIGTERM handler has taken a first signal. Nothing else is changed.
+HELD_CLI = """
+import os, signal, sys, time
+from pathlib import Path
+import lorafam.trainer as trainer
+
+write, hold, folder = trainer.write_metrics, int(os.environ["LORAFAM_TEST_HOLD_STEP"]), Path(os.environ["HOLD_DIR"])
+
+def write_then_hold(handle, row):
+    write(handle, row)
+    if row.get("step") != hold or "loss" not in row or "phase" in row:
+        return
+    (folder / "held").touch()
+    while not (folder / "release").exists():
+        handler = signal.getsignal(signal.SIGTERM)
+        if getattr(getattr(handler, "__self__", None), "signum", None) is not None:
+            (folder / "signalled").touch()
+        time.sleep(0.02)
+
+trainer.write_metrics = write_then_hold
+from lorafam.cli import main
+sys.argv[0] = "lorafam"
+main()
+"""
+#: Generous: a held run does not move on by itself, so waiting longer only matters on a very slow machine.
+WAIT_S = 1200
+#: A process that stops at once only has to exit (no step, no checkpoint): minutes are plenty.
+SECOND_SIGNAL_EXIT_S = 180
+
+
+@pytest.fixture
+def start_held_train():
+    """Starts held runs; any still running when the test ends (it failed) is killed."""
+    started: list[subprocess.Popen] = []
+
+    def start(recipe: Path, hold_step: int, folder: Path) -> subprocess.Popen:
+        folder.mkdir(parents=True, exist_ok=True)
+        process = subprocess.Popen(
+            [sys.executable, "-c", HELD_CLI, "train", str(recipe)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env=cli_env() | {"LORAFAM_TEST_HOLD_STEP": str(hold_step), "HOLD_DIR": str(folder)},
+        )
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def stopped_stderr(process: subprocess.Popen, within: float) -> str:
+    """The stderr of a run that must exit within ``within`` seconds."""
+    try:
+        return process.communicate(timeout=within)[1]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"train did not exit within {within} s")
+
+
+def wait_for(process: subprocess.Popen, marker: Path) -> None:
+    """Until the held run creates ``marker`` (it must not exit before)."""
+    deadline = time.monotonic() + WAIT_S
+    while not marker.exists():
+        if process.poll() is not None:
+            pytest.fail(f"train exited ({process.returncode}) before {marker.name}: {process.stderr.read()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"no {marker.name} within {WAIT_S} s")
+        time.sleep(0.02)
+
+
+def training_steps(run_dir: Path) -> list[int]:
+    return [r["step"] for r in read_metrics(run_dir) if "loss" in r and "phase" not in r]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(variant, tmp_path, tmp_path_factory, assets, start_held_train):
+    expected_adapter, expected_rows = reference(variant, tmp_path_factory, assets)
+    recipe = recipe_for(tmp_path, assets, variant)
+    run_dir, hold = tmp_path / "run", tmp_path / "hold"
+    process = start_held_train(recipe, 5, hold)
+    wait_for(process, hold / "held")  # step 5 trained and logged; its checkpoint (every 2) would come at 6
+    process.kill()
+    assert process.wait() == -signal.SIGKILL
+    assert training_steps(run_dir) == [1, 2, 3, 4, 5] and not (run_dir / ADAPTER_WEIGHTS).exists()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
 
     resumed = cli("train", recipe, "--resume")
     assert resumed.exit_code == 0, resumed.output + resumed.stderr
+    assert f"resuming from {run_dir}/checkpoints/step-000004 (step 4/{STEPS})" in resumed.output
+    assert json.loads((run_dir / "run.json").read_text())["resumed_from"] == [4]
     assert_same_adapter(run_dir, expected_adapter)
+    assert comparable(read_metrics(run_dir)) == expected_rows  # step 5 logged once, by the resumed run
+
+
+def test_sigterm_from_outside_checkpoints_and_prints_the_resume_command(tmp_path, tmp_path_factory, assets, start_held_train):
+    expected_adapter, _ = reference("lora", tmp_path_factory, assets)
+    recipe = recipe_for(tmp_path, assets)
+    run_dir, hold = tmp_path / "run", tmp_path / "hold"
+    process = start_held_train(recipe, 3, hold)
+    wait_for(process, hold / "held")
+    process.send_signal(signal.SIGTERM)
+    wait_for(process, hold / "signalled")
+    (hold / "release").touch()  # the step finishes, then the run stops with a checkpoint of it
+    stderr = stopped_stderr(process, WAIT_S)
+    assert process.returncode == 143
+    assert one_line(stderr.strip()) == (
+        f"error: interrupted by SIGTERM after step 3; checkpoint saved to {run_dir}/checkpoints/step-000003; "
+        f"resume with: lorafam train {recipe} --resume"
+    )
+    assert verify_checkpoint(run_dir / "checkpoints" / "step-000003")["step"] == 3
+    assert training_steps(run_dir) == [1, 2, 3]
+
+    resumed = cli("train", recipe, "--resume")
+    assert resumed.exit_code == 0, resumed.output + resumed.stderr
+    assert f"resuming from {run_dir}/checkpoints/step-000003 (step 3/{STEPS})" in resumed.output
+    assert_same_adapter(run_dir, expected_adapter)
+
+
+def test_a_second_signal_stops_at_once_without_a_checkpoint(tmp_path, tmp_path_factory, assets, start_held_train):
+    expected_adapter, expected_rows = reference("lora", tmp_path_factory, assets)
+    recipe = recipe_for(tmp_path, assets)
+    run_dir, hold = tmp_path / "run", tmp_path / "hold"
+    process = start_held_train(recipe, 3, hold)
+    wait_for(process, hold / "held")
+    process.send_signal(signal.SIGTERM)
+    wait_for(process, hold / "signalled")  # the first one is taken: the run would stop after this step
+    process.send_signal(signal.SIGTERM)  # the step is never released: only stopping at once ends the process
+    stderr = stopped_stderr(process, SECOND_SIGNAL_EXIT_S)
+    assert process.returncode == 143
+    assert one_line(stderr.strip()) == "SIGTERM again: stopping now, without a checkpoint of this step"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000002"]
+    assert not (run_dir / ADAPTER_WEIGHTS).exists()
+
+    resumed = cli("train", recipe, "--resume")  # the newest checkpoint is still good
+    assert resumed.exit_code == 0, resumed.output + resumed.stderr
+    assert f"resuming from {run_dir}/checkpoints/step-000002 (step 2/{STEPS})" in resumed.output
+    assert_same_adapter(run_dir, expected_adapter)
+    assert comparable(read_metrics(run_dir)) == expected_rows
 
 
 # --------------------------------------------------------------------------------------------------

@@ -167,9 +167,50 @@ def test_optimizer_steps_lower_the_loss(name, arch):
     assert losses[-1] < losses[0] * 0.97, losses
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("name", NAMES)
-def test_saved_keys_use_peft_layout(name):
-    model, variant = adapted(name, "llama")
-    keys = list(variant.adapter_state_dict())
+def test_saved_keys_are_the_ones_peft_names(name, arch, tmp_path):
+    """Where our adapter_config.json names a PEFT method, PEFT itself, given that config, builds a model
+    whose adapter state dict has exactly our keys and shapes. Other files say they are lorafam's own."""
+    import json
+
+    import peft
+
+    from lorafam.recipe import validate_recipe
+    from lorafam.run import save_adapter
+
+    model, variant = adapted(name, arch)
+    task = "causal-lm" if arch == "llama" else "sequence-classification"
+    spec = validate_recipe({"model": {"name": "tiny", "task": task}, "adapter": variant.config.model_dump(),
+                            "data": {"train": "x.jsonl"}, "output_dir": str(tmp_path)})
+    save_adapter(tmp_path, variant, spec)
+    ours = {k: tuple(v.shape) for k, v in variant.adapter_state_dict().items()}
     for path in variant.layers:
-        assert any(k.startswith(f"{PEFT_PREFIX}{path}.") for k in keys), path
+        assert any(k.startswith(f"{PEFT_PREFIX}{path}.") for k in ours), path
+    peft_type = json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"]
+    if peft_type.startswith("LORAFAM_"):  # PEFT has no such layout (Delta-LoRA, LoRA-drop, GLoRA without biases)
+        assert peft_type not in {t.value for t in peft.PeftType}
+        return
+    config = peft.PeftConfig.from_pretrained(str(tmp_path))
+    base, _ = make_model(arch)
+    peft_model = peft.get_peft_model(base, config)
+    theirs = {k: tuple(v.shape) for k, v in peft.get_peft_model_state_dict(peft_model).items()}
+    assert sorted(ours) == sorted(theirs)
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_exactly_the_listed_variants_refuse_dropout(name):
+    """tests/tinyrun.py runs every other variant with dropout on; a variant that starts or stops
+    refusing it must update that list (and so the resume tests' claim 'with dropout on')."""
+    from pydantic import ValidationError
+    from tinyrun import REFUSES_DROPOUT
+
+    assert REFUSES_DROPOUT <= set(VARIANTS)
+    keys = {"variant": name, "r": R, "target_modules": ["q_proj"]}
+    if name in REFUSES_DROPOUT:
+        with pytest.raises(ValidationError, match="dropout"):
+            VARIANTS[name].Config(**keys, dropout=0.1)
+    else:
+        assert VARIANTS[name].Config(**keys, dropout=0.1).dropout == 0.1
+    assert VARIANTS[name].Config(**keys, dropout=0.0).dropout == 0.0

@@ -435,7 +435,7 @@ def test_inspect_adapts_dora_on_the_meta_device(tmp_path):
 
 
 def test_dora_config_checks():
-    with pytest.raises(LorafamError, match=r"adapter.init: DoRA supports init 'default' or 'gaussian'"):
+    with pytest.raises(LorafamError, match=r"adapter.init: Input should be 'default' or 'gaussian' \(got 'pissa'\)"):
         ours("llama", variant="dora", init="pissa")
     with pytest.raises(LorafamError, match=r"adapter.projection_seed: unknown key"):
         ours("llama", variant="dora", projection_seed=1)

@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import field_validator
+from pydantic import Field
 from torch import nn
 
 from lorafam.adapters.lora import LoRA, LoRAConfig, LoRALayer
@@ -42,15 +42,12 @@ from lorafam.adapters.lora import LoRA, LoRAConfig, LoRALayer
 
 class DoRAConfig(LoRAConfig):
     variant: Literal["dora"] = "dora"
-
-    @field_validator("init")
-    @classmethod
-    def _plain_init_only(cls, value: str) -> str:
-        # DoRA's magnitude is initialised from the base weight the adapter starts on; inits that
-        # rewrite that weight (PiSSA) are neither in the paper nor tested here.
-        if value not in ("default", "gaussian"):
-            raise ValueError(f"DoRA supports init 'default' or 'gaussian', not {value!r}")
-        return value
+    # The schema itself carries the restriction, so the recipe reference generated from it is true.
+    init: Literal["default", "gaussian"] = Field(
+        "default",
+        description="default: A Kaiming-uniform, B zero (the paper's reference code); gaussian: A normal with "
+        "std 1/r, B zero. No pissa: DoRA's magnitude starts from the base weight, which PiSSA would rewrite.",
+    )
 
 
 class DoRALayer(LoRALayer):

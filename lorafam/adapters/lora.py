@@ -31,7 +31,7 @@ class LoRAConfig(AdapterConfig):
     init: Literal["default", "gaussian", "pissa"] = Field(
         "default",
         description="default: A Kaiming-uniform, B zero (the paper's reference code); "
-        "gaussian: A ~ N(0, 1/r), B zero; pissa: A, B from the top-r SVD of W, which is replaced by "
+        "gaussian: A normal with std 1/r (PEFT's), B zero; pissa: A, B from the top-r SVD of W, which is replaced by "
         "its residual (saved as a rank-2r LoRA on the original W).",
     )
 

@@ -45,6 +45,12 @@ IMPORTANCE_BATCH = 8
 
 class LoRADropConfig(LoRAConfig):
     variant: Literal["lora_drop"] = "lora_drop"
+    # In the schema, so the generated recipe reference lists only what loads.
+    init: Literal["default", "gaussian"] = Field(
+        "default",
+        description="default: A Kaiming-uniform, B zero (the paper's reference code); gaussian: A normal with "
+        "std 1/r, B zero. No pissa: it rewrites W from each layer's own SVD, which a pair shared across layers cannot hold.",
+    )
     sample_ratio: float = Field(
         0.1, description="Fraction of the training data the importance is measured on (paper: 0.1)."
     )
@@ -55,7 +61,7 @@ class LoRADropConfig(LoRAConfig):
         None,
         ge=1,
         description="Optimizer steps of the plain-LoRA run on the sample. Default: one pass over the "
-        "sample at the recipe's batch size.",
+        "sample in the recipe's global batches (batch_size x grad_accum x processes; the last one partial).",
     )
 
     @field_validator("sample_ratio", "threshold")
@@ -67,14 +73,6 @@ class LoRADropConfig(LoRAConfig):
                 "threshold": ("the share of total importance the kept layers cover", 0.9),
             }[info.field_name]
             raise ValueError(f"must be in (0, 1]: it is {meaning} (paper: {paper})")
-        return value
-
-    @field_validator("init")
-    @classmethod
-    def _no_pissa(cls, value: str) -> str:
-        if value == "pissa":
-            # PiSSA rewrites W from each layer's own SVD: a pair shared across layers cannot do that.
-            raise ValueError("pissa is not available with lora_drop (a shared pair cannot hold each layer's SVD)")
         return value
 
 

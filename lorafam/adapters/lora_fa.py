@@ -32,7 +32,7 @@ class LoRAFAConfig(LoRAConfig):
     # PiSSA is left out: it rewrites W and trains A, and LoRA-FA's A is a frozen random projection.
     init: Literal["default", "gaussian"] = Field(
         "default",
-        description="Init of the frozen A: default Kaiming-uniform (LoRA's, as in the paper), gaussian N(0, 1/r).",
+        description="Init of the frozen A: default Kaiming-uniform (LoRA's, as in the paper), gaussian normal with std 1/r.",
     )
 
 
