@@ -267,11 +267,11 @@ def test_a_variant_that_needs_whole_parameters_refuses_fsdp2_in_one_line(tmp_pat
 # DeepSpeed ZeRO: optimizer state and gradients partitioned (ZeRO-2), parameters too (ZeRO-3)
 
 
-def launch_deepspeed(config: str, extensions: Path, *args: str) -> subprocess.CompletedProcess:
-    """tests/deepspeed_worker.py ARGS under configs/CONFIG on 2 CPU processes (the worker says why a
-    worker). DeepSpeed gets its own extensions folder: an op it compiles, or leaves half-compiled when
-    killed, never touches (or hangs on) the machine's shared cache."""
-    command = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs" / config), "--num_processes", "2",
+def launch_deepspeed(config: Path, extensions: Path, *args: str) -> subprocess.CompletedProcess:
+    """tests/deepspeed_worker.py ARGS under the Accelerate config CONFIG on 2 CPU processes (the worker
+    says why a worker). DeepSpeed gets its own extensions folder: an op it compiles, or leaves
+    half-compiled when killed, never touches (or hangs on) the machine's shared cache."""
+    command = [str(ACCELERATE), "launch", "--config_file", str(config), "--num_processes", "2",
                "--main_process_port", str(free_port()), str(ROOT / "tests" / "deepspeed_worker.py"), *map(str, args)]
     env = launch_env() | {"TORCH_EXTENSIONS_DIR": str(extensions)}
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
@@ -281,7 +281,7 @@ def test_deepspeed_zero2_trains_the_same_adapter_as_one_process(tmp_path, assets
     """grad_accum 2: DeepSpeed must neither divide the step's loss again nor step after each micro-batch."""
     reference = train_in_process(recipe(tmp_path, assets, "one", 8, 1, save_every=None))
     path = recipe(tmp_path, assets, "zero2", 2, 2, save_every=None)
-    result = launch_deepspeed("deepspeed_zero2.yaml", tmp_path / "extensions", "train", path)
+    result = launch_deepspeed(ROOT / "configs" / "deepspeed_zero2.yaml", tmp_path / "extensions", "train", path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     stdout = " ".join(result.stdout.split())
     assert "engine: DeepSpeed ZeRO-2 on 2 process(es)" in stdout
@@ -297,6 +297,25 @@ def test_deepspeed_zero2_trains_the_same_adapter_as_one_process(tmp_path, assets
     # One writer: every step logged once, one line per step on stdout.
     assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == list(range(1, STEPS + 1))
     assert sum(line.startswith("step 1/") for line in result.stdout.splitlines()) == 1
+
+
+def zero3_partitioning_everything(folder: Path) -> Path:
+    """configs/deepspeed_zero3.yaml with a DeepSpeed config file that also partitions tensors of fewer
+    than 100k values, which DeepSpeed otherwise leaves whole on every process
+    (stage3_param_persistence_threshold): on a real model that spares the LoRA factors but not the
+    base weights or larger adapter tensors (a classifier head, VeRA's shared projections); on the tiny
+    test model it would spare everything, and gathering would go untested."""
+    auto = {key: "auto" for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")}
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0, "offload_optimizer": {"device": "none"},
+            "offload_param": {"device": "none"}}
+    (folder / "zero3.json").write_text(json.dumps({"zero_optimization": zero} | auto))
+    shipped = (ROOT / "configs" / "deepspeed_zero3.yaml").read_text()
+    assert "  zero_stage: 3\n" in shipped and "mixed_precision: 'no'" in shipped
+    # A config file replaces the stage and offload keys; mixed precision is then the file's (lorafam's).
+    keep = [line for line in shipped.splitlines() if not line.startswith(("  zero_stage", "  offload", "  zero3_save", "mixed_precision"))]
+    text = "\n".join(keep).replace("deepspeed_config:", f"deepspeed_config:\n  deepspeed_config_file: {folder / 'zero3.json'}")
+    (folder / "zero3.yaml").write_text(text + "\n")
+    return folder / "zero3.yaml"
 
 
 def skipped_steps(run_dir: Path) -> list[int]:
@@ -322,7 +341,8 @@ def test_deepspeed_zero3_gathers_the_adapter_runs_variant_hooks_and_skips_nonfin
         recipe(tmp_path, assets, "adalora-two", 2, accum, variant="adalora", save_every=None),
         recipe(tmp_path, assets, "saving-two", 2, accum),  # save_every: 2
     ]
-    result = launch_deepspeed("deepspeed_zero3.yaml", tmp_path / "extensions", "--each", *items, *refused)
+    config = zero3_partitioning_everything(tmp_path)
+    result = launch_deepspeed(config, tmp_path / "extensions", "--each", *items, *refused)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     stdout = " ".join(result.stdout.split())
     assert "engine: DeepSpeed ZeRO-3 on 2 process(es)" in stdout
