@@ -257,6 +257,25 @@ def test_fsdp2_interrupted_and_resumed_matches_the_uninterrupted_run(tmp_path, a
         assert torch.equal(got[key], expected[key]), key
 
 
+def test_qlora_under_fsdp2_shards_the_4bit_weights_and_trains_the_same_adapter(tmp_path, assets):
+    """Packed in the compute dtype (lorafam.quant.quant_storage), the 4-bit weights are sharded; packed
+    in uint8, Accelerate would keep them whole on every process and say so."""
+    nf4 = {"quantization": "nf4", "compute_dtype": "bfloat16"}
+    one = with_changes(recipe(tmp_path, assets, "q", 8, 1, save_every=None, max_steps=4), tmp_path / "q-one.yaml")
+    raw = json.loads(one.read_text())
+    raw["model"] |= nf4
+    one.write_text(json.dumps(raw))
+    two = with_changes(one, tmp_path / "q-fsdp.yaml", train={"batch_size": 4})
+    reference = train_in_process(one)
+    result = launch_fsdp("train", two)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "engine: FSDP2 on 2 process(es)" in result.stdout
+    assert "Params4bit" not in result.stderr  # Accelerate's warning that it left them whole
+    saved, expected = load_file(tmp_path / "q-fsdp" / ADAPTER_WEIGHTS), load_file(reference / ADAPTER_WEIGHTS)
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in expected.items()}
+    assert relative_difference(expected, saved) < 1e-5
+
+
 def test_a_variant_that_needs_whole_parameters_refuses_fsdp2_in_one_line(tmp_path, assets):
     result = launch_fsdp("train", recipe(tmp_path, assets, "ada", 4, 1, variant="adalora"))
     assert result.returncode != 0
