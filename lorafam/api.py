@@ -94,8 +94,10 @@ def train(
 
     from lorafam.checkpoint import discard_after, find_latest_checkpoint
     from lorafam.data import prepare_data
-    from lorafam.hardware import check_process_count, choose_precision, use_cpu
+    from lorafam.distributed import gathered
+    from lorafam.hardware import check_process_count, choose_precision, process_group
     from lorafam.modeling import head_modules, load_model, load_tokenizer
+    from lorafam.quant import check_sharded_storage
     from lorafam.run import ADAPTER_WEIGHTS, CHECKPOINTS, METRICS, RUN_INFO, adapt, check_output_dir, read_run_info
     from lorafam.run import save_adapter, save_run_files, write_json
     from lorafam.trainer import TrainingStopped, layout_of
@@ -105,7 +107,8 @@ def train(
     resume = resume or spec.train.resume == "auto"
     if resume and overwrite:
         raise LorafamError("--overwrite starts over and --resume continues: pass one of them")
-    state = PartialState(cpu=use_cpu())  # joins the process group under a multi-process launch
+    cpu, backend = process_group()  # joins the process group under a multi-process launch
+    state = PartialState(cpu=cpu, **({"backend": backend} if backend else {}))
     check_process_count(state.num_processes)
     main = state.is_main_process
     if not main:
@@ -126,6 +129,7 @@ def train(
             console.print(f"no complete checkpoint in {run_dir / CHECKPOINTS}; starting from step 0", soft_wrap=True)
     check_installed(spec.train.report_to)
     precision = choose_precision(spec.train.mixed_precision)
+    check_sharded_storage(spec.model, precision.mixed_precision)
     tokenizer = load_tokenizer(spec.model)
     data = prepare_data(spec.data, tokenizer, spec.model.task, spec.train.seed)
     # Seeded before anything random (a fresh classification head, the adapter's init), so a run
@@ -213,8 +217,11 @@ def train(
             info |= {"status": stopped.status, "stopped_at_step": stopped.step}
             write_info()
             raise
-        save_adapter(run_dir, variant, spec, writes=main)  # every process: sharded weights are gathered
-        artifacts = variant.write_artifacts(run_dir) if main else []
+        # Every process: sharded weights are gathered (FSDP2 by the variant, ZeRO-3 here).
+        with gathered(variant.live_tensors().values()):
+            save_adapter(run_dir, variant, spec, writes=main)
+            artifacts = variant.write_artifacts(run_dir) if main else []
+            report = variant.report()
         trackers.log_images(artifacts, result.steps)
         info |= {
             "status": "complete",
@@ -226,7 +233,7 @@ def train(
             "sample_before": result.sample_before,
             "sample_after": result.sample_after,
             "artifacts": [str(p.relative_to(run_dir)) for p in artifacts],
-            "report": variant.report(),
+            "report": report,
             "skipped_steps": result.skipped_steps,
             "peak_memory": peak_memory(),
         }

@@ -6,6 +6,9 @@ so they talk to torch.distributed directly and need no Accelerator at hand.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 
@@ -64,3 +67,26 @@ def copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
 
 def is_sharded(tensor: torch.Tensor) -> bool:
     return hasattr(tensor, "device_mesh")
+
+
+def is_partitioned(tensor: torch.Tensor) -> bool:
+    """True for a parameter DeepSpeed ZeRO-3 partitioned: outside the engine's forward pass its
+    ``data`` is empty and each process holds a slice in ``ds_tensor``."""
+    return hasattr(tensor, "ds_id")
+
+
+@contextmanager
+def gathered(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Within the block, the DeepSpeed ZeRO-3 parameters among ``tensors`` hold their whole value on
+    every process; changes made to them inside are dropped (read-only). No-op for other tensors.
+
+    A collective when any tensor is partitioned: every process must enter it with the same tensors.
+    """
+    partitioned = [t for t in tensors if is_partitioned(t)]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield

@@ -61,6 +61,32 @@ def use_cpu() -> bool:
     return not (xpu is not None and xpu.is_available())
 
 
+def launched_engine() -> str | None:
+    """"fsdp" or "deepspeed" under an ``accelerate launch`` with such a config, else None.
+
+    Read from what the launcher exports, so it is known before any Accelerator exists (the model is
+    loaded first, and a 4-bit base must be loaded in a layout the engine can shard).
+    """
+    for engine in ("fsdp", "deepspeed"):
+        if os.environ.get(f"ACCELERATE_USE_{engine.upper()}", "false").lower() == "true":
+            return engine
+    return None
+
+
+def process_group() -> tuple[bool, str | None]:
+    """``(cpu, backend)`` for Accelerate's PartialState / Accelerator on this machine.
+
+    Without an accelerator the processes need ``cpu=True`` to form a gloo group (see ``use_cpu``),
+    except under DeepSpeed: Accelerate drops DeepSpeed when told ``cpu=True``, so its CPU processes
+    ask for gloo by name instead (without it Accelerate sees one process and DeepSpeed two).
+    """
+    if not use_cpu():
+        return False, None
+    if launched_engine() == "deepspeed":
+        return False, "gloo"
+    return True, None
+
+
 def choose_precision(requested: str | None) -> Precision:
     """Resolve ``train.mixed_precision``: explicit choices win; ``auto`` asks the hardware;
     ``None`` takes what ``accelerate launch`` was configured with."""

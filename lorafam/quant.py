@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from lorafam.errors import LorafamError
+
 if TYPE_CHECKING:
     from transformers import BitsAndBytesConfig
 
@@ -64,7 +66,37 @@ def bnb_config(cfg: ModelConfig) -> BitsAndBytesConfig | None:
         bnb_4bit_quant_type=cfg.quantization,
         bnb_4bit_use_double_quant=double_quant(cfg),
         bnb_4bit_compute_dtype=getattr(torch, cfg.compute_dtype),
+        bnb_4bit_quant_storage=quant_storage(cfg),
     )
+
+
+def quant_storage(cfg: ModelConfig) -> torch.dtype:
+    """The dtype of the tensors bitsandbytes packs 4-bit weights into (the bytes are the same in any).
+
+    uint8, bitsandbytes' default, except under an FSDP launch: FSDP shards floating-point parameters
+    only (Accelerate leaves uint8-packed weights whole on every GPU, with a warning), and casts what
+    it shards to the mixed-precision dtype before gathering it. Packed into the compute dtype, the
+    4-bit weights are sharded, and that cast leaves their bytes alone when it is to the same dtype
+    (bf16 by default on both sides); this is the setting bitsandbytes and PEFT document for QLoRA
+    under FSDP. DeepSpeed keeps uint8: its bf16/fp16 modes cast every floating-point weight.
+    """
+    from lorafam.hardware import launched_engine
+
+    return getattr(torch, cfg.compute_dtype) if launched_engine() == "fsdp" else torch.uint8
+
+
+def check_sharded_storage(cfg: ModelConfig, mixed_precision: str) -> None:
+    """Refuse a 4-bit base under FSDP whose storage dtype (the compute dtype, see ``quant_storage``)
+    differs from the autocast dtype: FSDP would cast the packed weights and scramble them."""
+    from lorafam.hardware import launched_engine
+
+    autocast = {"bf16": "bfloat16", "fp16": "float16"}.get(mixed_precision)
+    if cfg.quantization in FOUR_BIT and launched_engine() == "fsdp" and autocast not in (None, cfg.compute_dtype):
+        raise LorafamError(
+            f"model.compute_dtype: {cfg.compute_dtype} under FSDP with {mixed_precision} mixed precision: FSDP casts "
+            f"every weight it shards to {autocast}, and the 4-bit weights are packed in {cfg.compute_dtype} there; "
+            f"set model.compute_dtype: {autocast} (or train.mixed_precision: no)"
+        )
 
 
 # --------------------------------------------------------------------------------------------------

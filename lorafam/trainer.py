@@ -46,10 +46,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from lorafam.adapters import Variant
 from lorafam.checkpoint import Checkpoint, checkpoint_name, load_checkpoint, restore_rng, save_checkpoint
 from lorafam.data import PreparedData, check_packing_support, make_collator
-from lorafam.distributed import all_reduce_max, all_reduce_sum
+from lorafam.distributed import all_reduce_max, all_reduce_sum, gathered, is_partitioned
 from lorafam.errors import LorafamError
 from lorafam.evaluate import evaluate, generate_sample
-from lorafam.hardware import Precision, check_process_count, choose_precision, use_cpu
+from lorafam.hardware import Precision, check_process_count, choose_precision, process_group
 from lorafam.optim import make_optimizer, make_scheduler
 from lorafam.quant import keep_training_layout
 from lorafam.recipe import Recipe
@@ -83,13 +83,15 @@ class TrainingStopped(Exception):
 
 
 class TrainingInterrupted(TrainingStopped):
-    """SIGINT or SIGTERM: a checkpoint of the finished step was written; exit 128 + signal number."""
+    """SIGINT or SIGTERM: a checkpoint of the finished step was written (none under DeepSpeed);
+    exit 128 + signal number."""
 
     status = "interrupted"
 
-    def __init__(self, signum: int, step: int, checkpoint: Path):
+    def __init__(self, signum: int, step: int, checkpoint: Path | None):
         name = signal.Signals(signum).name
-        super().__init__(f"interrupted by {name} after step {step}; checkpoint saved to {checkpoint}", step, checkpoint)
+        saved = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint (none under DeepSpeed): the run cannot be resumed"
+        super().__init__(f"interrupted by {name} after step {step}; {saved}", step, checkpoint)
         self.exit_code = 128 + signum
 
 
@@ -206,7 +208,11 @@ class Phase:
 
 def make_accelerator(precision: Precision) -> Accelerator:
     """The Accelerator for one training phase, on the CPU when there is no accelerator."""
-    accelerator = Accelerator(mixed_precision=precision.mixed_precision, cpu=use_cpu())
+    from accelerate.utils import InitProcessGroupKwargs
+
+    cpu, backend = process_group()
+    handlers = [InitProcessGroupKwargs(backend=backend)] if backend else None
+    accelerator = Accelerator(mixed_precision=precision.mixed_precision, cpu=cpu, kwargs_handlers=handlers)
     check_process_count(accelerator.num_processes)
     return accelerator
 
@@ -227,6 +233,12 @@ def compile_blocks(model: torch.nn.Module) -> int:
     return len(blocks) or 1
 
 
+def uses_deepspeed(accelerator: Accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
 def shards_parameters(accelerator: Accelerator) -> bool:
     """True under FSDP and DeepSpeed ZeRO-3, where no process holds whole parameters."""
     from accelerate.utils import DistributedType
@@ -235,6 +247,19 @@ def shards_parameters(accelerator: Accelerator) -> bool:
         return True
     plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
     return plugin is not None and plugin.zero_stage == 3
+
+
+def sharded_state(accelerator: Accelerator) -> str | None:
+    """What of the training state no single process holds whole, or None (one process, DDP).
+
+    DeepSpeed partitions the optimizer state at ZeRO-1, also the gradients at ZeRO-2 (a process's
+    ``p.grad`` is gone after the backward pass), also the parameters at ZeRO-3.
+    """
+    if shards_parameters(accelerator):
+        return "parameters"
+    if not uses_deepspeed(accelerator):
+        return None
+    return "gradients and optimizer state" if accelerator.state.deepspeed_plugin.zero_stage == 2 else "optimizer state"
 
 
 def engine_name(accelerator: Accelerator) -> str:
@@ -268,6 +293,10 @@ class Session:
     collate: Any
     layout: BatchLayout
     steps: int
+    # DeepSpeed takes the optimizer step itself, inside the step's last backward pass.
+    deepspeed: bool = False
+    # The adapter's tensors DeepSpeed ZeRO-3 partitioned: gathered whole around the variant's hook.
+    partitioned: list[torch.Tensor] = field(default_factory=list)
 
     def batches(self, step: int) -> list[tuple[dict[str, torch.Tensor], int]]:
         """This process's micro-batches of ``step``, collated and on the device, each with its
@@ -297,10 +326,18 @@ def set_up(
     layout = layout_of(recipe, accelerator.num_processes)
     if not phase.is_main:
         layout = dataclasses.replace(layout, partial_last=True)
-    if shards_parameters(accelerator) and not variant.supports_sharding:
+    sharded = sharded_state(accelerator)
+    if sharded and not variant.supports_sharding:
         raise LorafamError(
-            f"adapter.variant: {variant.name} cannot train with sharded parameters ({engine_name(accelerator)}): "
+            f"adapter.variant: {variant.name} cannot train with sharded {sharded} ({engine_name(accelerator)}): "
             f"{variant.sharding_reason}; launch it with data parallelism (configs/ddp.yaml) instead"
+        )
+    deepspeed = uses_deepspeed(accelerator)
+    if deepspeed and phase.is_main and cfg.save_every:
+        raise LorafamError(
+            f"train.save_every: lorafam writes no checkpoints under DeepSpeed ({engine_name(accelerator)}), whose "
+            "optimizer state is partitioned across the processes; unset it (a run then cannot be resumed), or "
+            "launch with configs/ddp.yaml or configs/fsdp2.yaml, which checkpoint and resume"
         )
     if steps is None:  # a preparatory phase without a step count makes one pass over its data
         n = len(data.train)
@@ -325,12 +362,50 @@ def set_up(
     # The scheduler stays outside Accelerate: prepared, it would step once per process per
     # optimizer step (it assumes each process's data loader is a shard of one epoch), silently
     # shortening the schedule under several processes.
+    if deepspeed:
+        configure_deepspeed(accelerator, recipe, layout)
     loss_model, optimizer = accelerator.prepare(task.loss_module(model), optimizer)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     return Session(
         recipe, task, accelerator, loss_model, model, variant, optimizer, scheduler, trainable, data,
-        make_collator(tokenizer, recipe.model.task), layout, steps,
+        make_collator(tokenizer, recipe.model.task), layout, steps, deepspeed,
+        [t for t in variant.live_tensors().values() if is_partitioned(t)],
     )
+
+
+def configure_deepspeed(accelerator: Accelerator, recipe: Recipe, layout: BatchLayout) -> None:
+    """Make DeepSpeed's config say what the recipe says, before Accelerate hands it to DeepSpeed.
+
+    The step layout and the clipping are the recipe's: DeepSpeed checks train_batch_size = micro
+    batch x accumulation x processes, and clips inside its own optimizer step. A launch config that
+    sets one of them to another value is refused rather than silently overruled. The optimizer and
+    the lr schedule are the recipe's too, so a DeepSpeed config must not bring its own.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    config = plugin.deepspeed_config
+    for section in ("optimizer", "scheduler"):
+        if section in config:
+            raise LorafamError(
+                f"the DeepSpeed config has a {section!r} section, but lorafam builds the optimizer and lr "
+                "schedule from the recipe's train: keys; remove that section from the DeepSpeed config"
+            )
+    wanted = {
+        "train_micro_batch_size_per_gpu": (layout.batch_size, "train.batch_size"),
+        "gradient_accumulation_steps": (layout.grad_accum, "train.grad_accum"),
+        "train_batch_size": (layout.global_batch, "global batch (batch_size x grad_accum x processes)"),
+        "gradient_clipping": (recipe.train.max_grad_norm or 0.0, "train.max_grad_norm"),
+    }
+    # What the launch asked for: the plugin's own fields keep it (lorafam only writes the config
+    # dict); the batch sizes can only come from a DeepSpeed config file.
+    launched = {"gradient_accumulation_steps": plugin.gradient_accumulation_steps, "gradient_clipping": plugin.gradient_clipping}
+    for key, (value, source) in wanted.items():
+        given = launched.get(key, config.get(key, "auto"))
+        if given not in ("auto", None) and float(given) != float(value):
+            raise LorafamError(
+                f"the DeepSpeed config sets {key}: {given}, but the recipe's {source} is {value}; lorafam lays "
+                f"out each step from the recipe: remove {key} from the DeepSpeed config (or set it to auto)"
+            )
+        config[key] = value
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,7 +426,8 @@ def optimizer_step(s: Session, step: int, skip_nonfinite: bool) -> StepOutcome:
 
     With a non-finite loss or gradient the optimizer step is not taken; ``skip_nonfinite`` says
     whether the loop goes on (then the schedules still advance) or stops, leaving the state as it
-    was before this step.
+    was before this step. Under DeepSpeed the engine clips and steps inside the last backward pass
+    (see ``deepspeed_step``); the outcome is the same.
     """
     accelerator, task = s.accelerator, s.task
     micro_batches = s.batches(step)
@@ -363,40 +439,92 @@ def optimizer_step(s: Session, step: int, skip_nonfinite: bool) -> StepOutcome:
 
     loss_sum = torch.zeros((), dtype=torch.float64)
     tokens = 0
-    extras: dict[str, torch.Tensor] = {}
     for i, (batch, batch_tokens) in enumerate(micro_batches):
         counts = batch_tokens >= 0
         last = i == len(micro_batches) - 1
-        # Gradients are synchronised across processes on the last micro-batch only.
-        sync = nullcontext() if last else accelerator.no_sync(s.loss_model)
-        with sync, accelerator.autocast():
+        with gradient_sync(s, last), accelerator.autocast():
             out = s.loss_model(**batch)
             objective = out["loss_sum"] * (weight if counts else 0.0)
-            if last:  # the variant's terms belong to the step, not to each micro-batch
+            if counts:
+                loss_sum += out["loss_sum"].detach().double().cpu()
+                tokens += batch_tokens
+            if last:
+                # The variant's terms belong to the step, not to each micro-batch.
                 extras = s.variant.extra_losses()
                 objective = objective + sum(extras.values()) if extras else objective
-            accelerator.backward(objective)
-        if counts:
-            loss_sum += out["loss_sum"].detach().double().cpu()
-            tokens += batch_tokens
-    totals = all_reduce_sum(torch.tensor([float(loss_sum), float(tokens)], dtype=torch.float64))
-    loss = float(totals[0]) / total_units if total_units > 0 else 0.0
-    extras_logged = {name: float(value.detach()) for name, value in extras.items()}
+                # The step's loss is complete before its last backward pass (under DeepSpeed, that
+                # pass also takes the optimizer step): a non-finite one stops the run untouched.
+                totals = all_reduce_sum(torch.tensor([float(loss_sum), float(tokens)], dtype=torch.float64))
+                loss = float(totals[0]) / total_units if total_units > 0 else 0.0
+                extras_logged = {name: float(value.detach()) for name, value in extras.items()}
+                nonfinite = nonfinite_reason(loss, extras_logged, None)
+                if nonfinite and not skip_nonfinite:
+                    return StepOutcome(loss, extras_logged, {}, int(totals[1]), nonfinite)
+                if nonfinite and s.deepspeed:
+                    # DeepSpeed discards a step whose gradients are not finite, with everything its
+                    # engine accumulated over the step's micro-batches; that is the only way to
+                    # drop them, so this step's gradients are made NaN on purpose.
+                    objective = objective * float("nan")
+            if s.deepspeed:  # the step's loss is already normalised: the engine must not divide again
+                accelerator.backward(objective, scale_wrt_gas=False)
+            else:
+                accelerator.backward(objective)
 
-    grad_norm = None
-    if s.recipe.train.max_grad_norm is not None:
-        grad_norm = accelerator.clip_grad_norm_(s.trainable, s.recipe.train.max_grad_norm)
-    nonfinite = nonfinite_reason(loss, extras_logged, grad_norm)
+    if s.deepspeed:
+        nonfinite = deepspeed_step(s, nonfinite)
+    else:
+        grad_norm = None
+        if s.recipe.train.max_grad_norm is not None:
+            grad_norm = accelerator.clip_grad_norm_(s.trainable, s.recipe.train.max_grad_norm)
+        nonfinite = nonfinite or nonfinite_reason(loss, extras_logged, grad_norm)
+        if nonfinite:  # no update from this batch (and no gradients for the hook to read)
+            s.optimizer.zero_grad(set_to_none=True)
+        else:
+            s.optimizer.step()
     if nonfinite and not skip_nonfinite:
         return StepOutcome(loss, extras_logged, {}, int(totals[1]), nonfinite)
-    if nonfinite:  # skip: no update from this batch; the schedules still advance by a step
-        s.optimizer.zero_grad(set_to_none=True)
-    else:
-        s.optimizer.step()
-    hook_logs = s.variant.after_step(step, s.steps)  # it may read the gradients: zero them after
+    # Skipped or not, the schedules advance by a step.
+    with gathered(s.partitioned):  # ZeRO-3: the hook sees whole tensors (read-only)
+        hook_logs = s.variant.after_step(step, s.steps)  # it may read the gradients: zero them after
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
     return StepOutcome(loss, extras_logged, hook_logs, int(totals[1]), nonfinite)
+
+
+@contextmanager
+def gradient_sync(s: Session, last: bool) -> Iterator[None]:
+    """Gradients are synchronised across processes on the step's last micro-batch only.
+
+    DDP and FSDP skip the synchronisation inside ``no_sync``. DeepSpeed reads Accelerate's
+    ``sync_gradients`` flag instead, which also marks where its optimizer step falls: left True, the
+    engine would step after every micro-batch.
+    """
+    s.accelerator.sync_gradients = last
+    try:
+        with nullcontext() if last else s.accelerator.no_sync(s.loss_model):
+            yield
+    finally:
+        s.accelerator.sync_gradients = True  # Accelerate's flag is shared by every later phase and run
+
+
+def deepspeed_step(s: Session, nonfinite: str | None) -> str | None:
+    """What became of the optimizer step DeepSpeed took inside the last backward pass: None when it
+    was applied, else why it was not.
+
+    The engine clips to its gradient_clipping (the recipe's max_grad_norm, see configure_deepspeed)
+    and discards a step whose gradient norm is not finite, with the gradients it accumulated.
+    """
+    discarded = s.optimizer.step_was_skipped
+    grad_norm = s.loss_model.get_global_grad_norm()
+    applied_anyway = not discarded and (nonfinite or (grad_norm is not None and not math.isfinite(float(grad_norm))))
+    if applied_anyway:  # DeepSpeed configured not to check (bf16.check_grad_overflow: false)
+        raise LorafamError(
+            f"{nonfinite or f'gradient norm is {grad_norm}'} at a DeepSpeed step that was applied anyway, so the "
+            "adapter is no longer usable; do not set bf16.check_grad_overflow: false in the DeepSpeed config"
+        )
+    if nonfinite:  # a non-finite loss under train.on_nan: skip, its gradients made NaN on purpose
+        return nonfinite
+    return f"gradient norm is {grad_norm} (DeepSpeed discarded this step's gradients)" if discarded else None
 
 
 def nonfinite_reason(loss: float, extras: dict[str, float], grad_norm: Any) -> str | None:
@@ -457,6 +585,11 @@ def _loop(
     writes = accelerator.is_main_process  # a preparatory phase logs its rows too, tagged with its name
     first_step, last_checkpoint = 1, None
     if resume is not None:
+        if s.deepspeed:
+            raise LorafamError(
+                "--resume: lorafam writes no checkpoints under DeepSpeed, so it resumes none; start the run "
+                "over (--overwrite), or resume it where it was written (configs/ddp.yaml, configs/fsdp2.yaml)"
+            )
         if resume.state.get("total_steps") != steps or resume.state.get("processes", 1) != accelerator.num_processes:
             raise LorafamError(
                 f"checkpoint {resume.path} was written for {resume.state.get('total_steps')} steps on "
@@ -566,7 +699,7 @@ def _loop(
                 last_checkpoint = checkpoint(step)
             signum = stop.agreed() if stop is not None else None
             if signum is not None:
-                if last_checkpoint is None or last_checkpoint.name != checkpoint_name(step):
+                if not s.deepspeed and (last_checkpoint is None or last_checkpoint.name != checkpoint_name(step)):
                     last_checkpoint = checkpoint(step)
                 raise TrainingInterrupted(signum, step, last_checkpoint)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from deepspeed_worker import nan_loss
 from tinyrun import one_thread  # noqa: F401  (an autouse fixture, active where imported)
 from tinyrun import adapter_section, cli, cli_env, make_chat_data, make_model_folder, read_metrics, word_tokenizer, write_recipe
 
@@ -132,10 +133,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_env() -> dict[str, str]:
+    # The checkout under test, also for a worker script in tests/ (whose own folder heads sys.path)
+    # and wherever else an editable install of lorafam points.
+    return cli_env() | {"PYTHONPATH": str(ROOT)}
+
+
 def launch(*args: str, processes: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
     command = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs" / "ddp.yaml"),
                "--num_processes", str(processes), "--main_process_port", str(free_port()), *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=timeout, cwd=ROOT)
+    return subprocess.run(command, capture_output=True, text=True, env=launch_env(), timeout=timeout, cwd=ROOT)
 
 
 def test_two_processes_train_the_same_adapter_as_one_and_only_the_main_one_writes(tmp_path, assets):
@@ -216,7 +223,7 @@ def launch_fsdp(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
     worker: Accelerate enables FSDP for GPUs only)."""
     command = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs" / "fsdp2.yaml"), "--num_processes", "2",
                "--main_process_port", str(free_port()), str(ROOT / "tests" / "fsdp_worker.py"), *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, env=cli_env() | (env or {}), timeout=600, cwd=ROOT)
+    return subprocess.run(command, capture_output=True, text=True, env=launch_env() | (env or {}), timeout=600, cwd=ROOT)
 
 
 def test_fsdp2_trains_the_same_adapter_as_one_process_and_saves_it_whole(tmp_path, assets):
@@ -250,7 +257,131 @@ def test_fsdp2_interrupted_and_resumed_matches_the_uninterrupted_run(tmp_path, a
         assert torch.equal(got[key], expected[key]), key
 
 
+def test_qlora_under_fsdp2_shards_the_4bit_weights_and_trains_the_same_adapter(tmp_path, assets):
+    """Packed in the compute dtype (lorafam.quant.quant_storage), the 4-bit weights are sharded; packed
+    in uint8, Accelerate would keep them whole on every process and say so."""
+    nf4 = {"quantization": "nf4", "compute_dtype": "bfloat16"}
+    one = with_changes(recipe(tmp_path, assets, "q", 8, 1, save_every=None, max_steps=4), tmp_path / "q-one.yaml")
+    raw = json.loads(one.read_text())
+    raw["model"] |= nf4
+    one.write_text(json.dumps(raw))
+    two = with_changes(one, tmp_path / "q-fsdp.yaml", train={"batch_size": 4})
+    reference = train_in_process(one)
+    result = launch_fsdp("train", two)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "engine: FSDP2 on 2 process(es)" in result.stdout
+    assert "Params4bit" not in result.stderr  # Accelerate's warning that it left them whole
+    saved, expected = load_file(tmp_path / "q-fsdp" / ADAPTER_WEIGHTS), load_file(reference / ADAPTER_WEIGHTS)
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in expected.items()}
+    assert relative_difference(expected, saved) < 1e-5
+
+
 def test_a_variant_that_needs_whole_parameters_refuses_fsdp2_in_one_line(tmp_path, assets):
     result = launch_fsdp("train", recipe(tmp_path, assets, "ada", 4, 1, variant="adalora"))
     assert result.returncode != 0
     assert "error: adapter.variant: adalora cannot train with sharded parameters (FSDP2): its budget ranks" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO: optimizer state and gradients partitioned (ZeRO-2), parameters too (ZeRO-3)
+
+
+def launch_deepspeed(config: Path, extensions: Path, *args: str) -> subprocess.CompletedProcess:
+    """tests/deepspeed_worker.py ARGS under the Accelerate config CONFIG on 2 CPU processes (the worker
+    says why a worker). DeepSpeed gets its own extensions folder: an op it compiles, or leaves
+    half-compiled when killed, never touches (or hangs on) the machine's shared cache."""
+    command = [str(ACCELERATE), "launch", "--config_file", str(config), "--num_processes", "2",
+               "--main_process_port", str(free_port()), str(ROOT / "tests" / "deepspeed_worker.py"), *map(str, args)]
+    env = launch_env() | {"TORCH_EXTENSIONS_DIR": str(extensions)}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+
+
+def test_deepspeed_zero2_trains_the_same_adapter_as_one_process(tmp_path, assets):
+    """grad_accum 2: DeepSpeed must neither divide the step's loss again nor step after each micro-batch."""
+    reference = train_in_process(recipe(tmp_path, assets, "one", 8, 1, save_every=None))
+    path = recipe(tmp_path, assets, "zero2", 2, 2, save_every=None)
+    result = launch_deepspeed(ROOT / "configs" / "deepspeed_zero2.yaml", tmp_path / "extensions", "train", path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    stdout = " ".join(result.stdout.split())
+    assert "engine: DeepSpeed ZeRO-2 on 2 process(es)" in stdout
+    assert "global batch 8 = batch_size 2 x grad_accum 2 x 2 processes" in stdout
+    run_dir = tmp_path / "zero2"
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["processes"] == 2 and info["global_batch"] == 8 and info["status"] == "complete"
+    saved, expected = load_file(run_dir / ADAPTER_WEIGHTS), load_file(reference / ADAPTER_WEIGHTS)
+    assert {k: (v.shape, v.dtype) for k, v in saved.items()} == {k: (v.shape, v.dtype) for k, v in expected.items()}
+    assert relative_difference(expected, saved) < 1e-5
+    assert losses(run_dir) == pytest.approx(losses(reference), rel=1e-6)
+    assert json.loads((run_dir / "adapter_config.json").read_text()) == json.loads((reference / "adapter_config.json").read_text())
+    # One writer: every step logged once, one line per step on stdout.
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == list(range(1, STEPS + 1))
+    assert sum(line.startswith("step 1/") for line in result.stdout.splitlines()) == 1
+
+
+def zero3_partitioning_everything(folder: Path) -> Path:
+    """configs/deepspeed_zero3.yaml with a DeepSpeed config file that also partitions tensors of fewer
+    than 100k values, which DeepSpeed otherwise leaves whole on every process
+    (stage3_param_persistence_threshold): on a real model that spares the LoRA factors but not the
+    base weights or larger adapter tensors (a classifier head, VeRA's shared projections); on the tiny
+    test model it would spare everything, and gathering would go untested."""
+    auto = {key: "auto" for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")}
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0, "offload_optimizer": {"device": "none"},
+            "offload_param": {"device": "none"}}
+    (folder / "zero3.json").write_text(json.dumps({"zero_optimization": zero} | auto))
+    shipped = (ROOT / "configs" / "deepspeed_zero3.yaml").read_text()
+    assert "  zero_stage: 3\n" in shipped and "mixed_precision: 'no'" in shipped
+    # A config file replaces the stage and offload keys; mixed precision is then the file's (lorafam's).
+    keep = [line for line in shipped.splitlines() if not line.startswith(("  zero_stage", "  offload", "  zero3_save", "mixed_precision"))]
+    text = "\n".join(keep).replace("deepspeed_config:", f"deepspeed_config:\n  deepspeed_config_file: {folder / 'zero3.json'}")
+    (folder / "zero3.yaml").write_text(text + "\n")
+    return folder / "zero3.yaml"
+
+
+def skipped_steps(run_dir: Path) -> list[int]:
+    return [r["step"] for r in read_metrics(run_dir) if r.get("skipped")]
+
+
+def test_deepspeed_zero3_gathers_the_adapter_runs_variant_hooks_and_skips_nonfinite_steps(tmp_path, assets):
+    accum = 2  # 2 processes x batch 2 x grad_accum 2 against 1 process x batch 8
+    runs = {  # name: (variant, adapter keys, train keys, step whose loss is made NaN)
+        "dora": ("dora", {}, {}, None),
+        "vera": ("vera", {}, {}, None),
+        "delta_lora": ("delta_lora", {"start_step": 1}, {}, None),  # copies A and B after every step
+        "nan_loss": ("lora", {}, {"on_nan": "skip"}, 3),  # DeepSpeed must drop what it accumulated
+        "nan_grads": ("lora", {}, {"on_nan": "skip", "lr": 1e30}, None),  # finite loss, NaN gradients from step 2
+    }
+    two, items = {}, []
+    for name, (variant, adapter, train, nan_step) in runs.items():
+        path = recipe(tmp_path, assets, f"{name}-two", 2, accum, variant=variant, save_every=None, **train)
+        two[name] = with_changes(path, path, adapter=adapter)
+        # A NaN loss (finite gradients) in the first micro-batch of that step, on every process.
+        items.append(f"{two[name]}@{(nan_step - 1) * accum + 1}" if nan_step else str(two[name]))
+    refused = [
+        recipe(tmp_path, assets, "adalora-two", 2, accum, variant="adalora", save_every=None),
+        recipe(tmp_path, assets, "saving-two", 2, accum),  # save_every: 2
+    ]
+    config = zero3_partitioning_everything(tmp_path)
+    result = launch_deepspeed(config, tmp_path / "extensions", "--each", *items, *refused)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    stdout = " ".join(result.stdout.split())
+    assert "engine: DeepSpeed ZeRO-3 on 2 process(es)" in stdout
+
+    for name, (variant, adapter, train, nan_step) in runs.items():
+        one_recipe = with_changes(two[name], tmp_path / f"{name}-one.yaml", train={"batch_size": 8, "grad_accum": 1})
+        with nan_loss(nan_step):  # the worker's injection; here a step is one micro-batch
+            one = train_in_process(one_recipe)
+        run_dir = Path(load_recipe(two[name]).output_dir)
+        saved, expected = load_file(run_dir / ADAPTER_WEIGHTS), load_file(one / ADAPTER_WEIGHTS)
+        assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in expected.items()}, name  # whole
+        assert relative_difference(expected, saved) < 1e-5, name
+        assert skipped_steps(run_dir) == skipped_steps(one), name
+    assert skipped_steps(tmp_path / "nan_loss-two") == [3]
+    assert "step 3: loss is nan; optimizer step skipped (train.on_nan: skip)" in stdout
+    assert skipped_steps(tmp_path / "nan_grads-two")[0] == 2
+    assert "step 2: gradient norm is inf (DeepSpeed discarded this step's gradients); optimizer step skipped" in stdout
+    assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "nan_grads-two" / ADAPTER_WEIGHTS).values())
+
+    assert ("error: adapter.variant: adalora cannot train with sharded parameters (DeepSpeed ZeRO-3): its budget "
+            "ranks every triplet") in result.stderr
+    assert ("error: train.save_every: lorafam writes no checkpoints under DeepSpeed (DeepSpeed ZeRO-3), whose "
+            "optimizer state is partitioned across the processes") in result.stderr
