@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import math
+
 import torch
-from transformers import get_scheduler
 
 from lorafam.recipe import TrainConfig
 
@@ -44,6 +45,22 @@ def _bnb_optimizer(param_groups: list[dict[str, Any]], cfg: TrainConfig) -> torc
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int, warmup: int | None = None) -> Any:
-    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.schedule]
+    """Linear warmup from 0, then constant, linear to 0 or half a cosine to 0 over the remaining steps.
+
+    The same multipliers as transformers' ``get_scheduler`` ("constant_with_warmup", "linear",
+    "cosine"), written out on torch's LambdaLR: importing transformers.optimization pulls in the
+    Trainer's utilities (and PEFT with them where it is installed), seconds on every start.
+    """
     warmup = cfg.warmup_steps if warmup is None else warmup
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    decay_steps = max(1, total_steps - warmup)
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        if cfg.schedule == "linear":
+            return max(0.0, (total_steps - step) / decay_steps)
+        if cfg.schedule == "cosine":
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / decay_steps)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
