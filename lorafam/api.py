@@ -192,7 +192,7 @@ def train(
             write_json(run_dir / RUN_INFO, info)
 
     # Trackers get every metrics row; their files (TensorBoard's) go under the run folder.
-    trackers = Trackers(spec.train.report_to, run_dir, spec.model_dump(mode="json"), precision.mixed_precision, use_cpu())
+    trackers = Trackers(spec.train.report_to, run_dir, spec.model_dump(mode="json"), precision.mixed_precision, cpu)
     try:
         def fit(dataset: Any, steps: int | None, phase: str) -> Any:
             subset = dataclasses.replace(data, train=dataset, eval=None)
