@@ -9,6 +9,13 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+# Under pytest-xdist (`-n auto`, pyproject's addopts) the workers share the cores: each gets its share
+# of threads, and so do the processes it starts (OMP_NUM_THREADS is inherited). Two workers each
+# spinning two OpenMP threads on two cores make every torch op several times slower.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 import importlib.util  # noqa: E402
 from pathlib import Path
 
@@ -25,6 +32,8 @@ from transformers import (
 
 # As the CLI does (lorafam.cli.flush_denormals): subnormal floats make CPU arithmetic ~100x slower.
 torch.set_flush_denormal(True)
+if _WORKERS > 1:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
