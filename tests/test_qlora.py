@@ -160,28 +160,41 @@ def test_training_updates_only_adapter_params(tiny_dir):
 
 # --------------------------------------------------------------------------------------------------
 # The trap: an eval pass must not cost the quantized layers their input gradients
+#
+# bitsandbytes decides per layer, in Linear4bit.__init__, whether to repack for CPU inference:
+# ``self.support_avx512bf16_for_cpu = has_avx512bf16()`` (bitsandbytes.nn.modules), and a repacked
+# layer's matmul runs the ``gemv_4bit`` op, whose CPU kernel bitsandbytes registers (at import, on
+# such CPUs only) with no autograd formula: its output carries no gradient back to its input.
+# The ``repacking_cpu`` fixture (conftest.py) makes both true on any CPU, so these tests cannot pass
+# vacuously where the instructions are missing (the packed kernel's output is checked below).
 
 
-def trained_grads_after_eval(tiny_dir: Path, tmp_path: Path, tokenizer, guard: bool) -> list[float]:
+def packed_layers(model: torch.nn.Module) -> int:
+    """4-bit layers currently in bitsandbytes' CPU inference layout."""
+    return sum(bool(getattr(m.weight.quant_state, "packing_format_for_cpu", False)) for m in model.modules() if is_4bit(m))
+
+
+def trained_grads_after_eval(tiny_dir: Path, tmp_path: Path, tokenizer, guard: bool) -> tuple[list[float], list[int]]:
     """Train with the real trainer, evaluating every step; return layer 0's q_proj A+B grad norms
-    seen at each optimizer step."""
+    seen at each optimizer step, and how many 4-bit layers were repacked at that point."""
     recipe = validate_recipe(raw_recipe(tiny_dir, tmp_path) | {"train": {
         "max_steps": 3, "batch_size": 4, "lr": 1e-2, "eval_every": 1, "log_every": 1}})
     model = load_4bit(tiny_dir)  # eval mode, as from_pretrained returns it
-    if not guard:  # undo load_model's guard: the layers as transformers returns them
-        from bitsandbytes.functional import has_avx512bf16
-
+    assert all(not m.support_avx512bf16_for_cpu for m in model.modules() if is_4bit(m))  # load_model's guard
+    if not guard:  # undo it: the layers as transformers returns them on such a CPU
         for module in model.modules():
             if is_4bit(module):
-                module.support_avx512bf16_for_cpu = has_avx512bf16()
+                module.support_avx512bf16_for_cpu = True
     variant = adapt(model, recipe, [])
     layer = first_layer(variant)
     seen: list[float] = []
+    packed: list[int] = []
     after_step = variant.after_step
 
     def record(step: int, total: int) -> dict:
         grads = [p.grad for p in (layer.lora_A.weight, layer.lora_B.weight)]
         seen.append(sum(0.0 if g is None else g.norm().item() for g in grads))
+        packed.append(packed_layers(model))
         return after_step(step, total)
 
     variant.after_step = record
@@ -197,38 +210,51 @@ def trained_grads_after_eval(tiny_dir: Path, tmp_path: Path, tokenizer, guard: b
     finally:
         if not guard:
             trainer_module.keep_training_layout = original
-    return seen
+    packed.append(packed_layers(model))  # after the last eval
+    return seen, packed
 
 
 @pytest.mark.filterwarnings("ignore:bitsandbytes..gemv_4bit")  # the unguarded run's lost gradient
-def test_eval_pass_during_training_keeps_gradients_flowing(tiny_dir, tmp_path, gpt2_tokenizer):
-    grads = trained_grads_after_eval(tiny_dir, tmp_path, gpt2_tokenizer, guard=True)
+def test_eval_pass_during_training_keeps_gradients_flowing(tiny_dir, tmp_path, gpt2_tokenizer, repacking_cpu):
+    grads, packed = trained_grads_after_eval(tiny_dir, tmp_path, gpt2_tokenizer, guard=True)
     assert len(grads) == 3 and all(g > 0 for g in grads)
-    # Layer 0's q_proj sits below every other quantized layer: its gradient has passed through the
-    # input gradient of layer 1's q/k/v/o and the MLP. Without the guard, on a CPU where the
-    # repacking exists, the same run loses it after the first eval (this is what the guard fixes).
-    from bitsandbytes.functional import has_avx512bf16
-
-    unguarded = trained_grads_after_eval(tiny_dir, tmp_path / "unguarded", gpt2_tokenizer, guard=False)
-    if has_avx512bf16():
-        assert unguarded[1:] == [0.0, 0.0]
-    else:
-        assert all(g > 0 for g in unguarded)
+    assert packed == [0, 0, 0, 0]  # three evals (one per step) and not one layer repacked
+    # Layer 0's q_proj reaches the loss only through o_proj and everything above it, all 4-bit.
+    # Without the guard the same run repacks every layer at its first eval (the "eval before",
+    # ahead of step 1) and the adapter gets exactly no gradient at any step: what the guard prevents.
+    unguarded, packed = trained_grads_after_eval(tiny_dir, tmp_path / "unguarded", gpt2_tokenizer, guard=False)
+    assert packed == [14, 14, 14, 14]
+    assert unguarded == [0.0, 0.0, 0.0]
 
 
-def test_guard_undoes_an_earlier_repacking(tiny_dir):
+def test_guard_undoes_an_earlier_repacking(tiny_dir, repacking_cpu):
     config = bnb_config(ModelConfig(name=str(tiny_dir), quantization="nf4"))
     model = LlamaForCausalLM.from_pretrained(tiny_dir, quantization_config=config)  # no guard
     batch = token_batch(model.config.vocab_size)
     q_proj = model.model.layers[0].self_attn.q_proj
     reference = dequantized_weight(q_proj).clone()
+    codes = q_proj.weight.data.clone()
     with torch.no_grad():
-        model(input_ids=batch["input_ids"])  # eval + no grad: repacked where the CPU allows
-    assert keep_training_layout(model) == 14
+        model.train()  # train mode: no repacking
+        plain = model(input_ids=batch["input_ids"]).logits
+        assert packed_layers(model) == 0
+        model.eval()
+        repacked = model(input_ids=batch["input_ids"]).logits  # eval + no grad: every layer repacks
+    assert packed_layers(model) == 14
     state = q_proj.weight.quant_state
-    assert not getattr(state, "packing_format_for_cpu", False) and state.nested
+    assert not state.nested and state.absmax.dtype == torch.bfloat16  # the inference layout's constants
+    # The packed kernel computes the same model (bf16 absmax; logits here are ~0.3).
+    torch.testing.assert_close(repacked, plain, atol=2e-2, rtol=0)
+    assert keep_training_layout(model) == 14
+    assert packed_layers(model) == 0
+    assert not state.packing_format_for_cpu and state.nested
+    assert not any(m.support_avx512bf16_for_cpu for m in model.modules() if is_4bit(m))
+    assert torch.equal(q_proj.weight.data, codes)  # the 4-bit codes come back exactly
     # Undoing re-quantizes the absmax (bf16 round trip): within bf16 precision of the original.
     torch.testing.assert_close(dequantized_weight(q_proj), reference, rtol=1e-2, atol=1e-3)
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"])
+    assert packed_layers(model) == 0  # and the next eval pass leaves it alone
 
 
 # --------------------------------------------------------------------------------------------------
