@@ -9,7 +9,7 @@ import datasets
 import pytest
 import torch
 from rich.console import Console
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from lorafam.adapters import VARIANTS
 from lorafam.adapters.lora import LoRA
@@ -397,19 +397,40 @@ def test_merge_of_a_4bit_run_equals_the_adapted_model(tiny_dir, tmp_path, gpt2_t
 
 
 def test_merge_requantize_saves_a_4bit_model_and_reports_its_error(tiny_dir, tmp_path, gpt2_tokenizer):
+    import re
+
+    from typer.testing import CliRunner
+
+    from lorafam.cli import app
+    from lorafam.merge import probe_batch, probe_logits
+
     run_dir = trained_4bit_run(tiny_dir, tmp_path, gpt2_tokenizer)
-    float_merge = merged_model(open_run(run_dir))
-    result = merge_run(run_dir, tmp_path / "merged-nf4", requantize="nf4")
-    assert result.requantize_max_logit_diff is not None and result.requantize_max_logit_diff > 0
-    reloaded = AutoModelForCausalLM.from_pretrained(result.path)
+    runner = CliRunner()
+    float_cli = runner.invoke(app, ["merge", str(run_dir), "--output", str(tmp_path / "merged-float")], terminal_width=200)
+    assert float_cli.exit_code == 0, float_cli.output
+    result = runner.invoke(
+        app, ["merge", str(run_dir), "--output", str(tmp_path / "merged-nf4"), "--requantize", "nf4"], terminal_width=200
+    )
+    assert result.exit_code == 0, result.output
+    line = next(l for l in result.output.splitlines() if l.startswith("re-quantized to nf4"))
+    printed = float(re.fullmatch(r"re-quantized to nf4: max abs logit difference vs the float merge (\S+) \(fixed probe batch\)", line)[1])
+
+    # Both folders as users read them: plain transformers, no lorafam code in the load.
+    float_merge = AutoModelForCausalLM.from_pretrained(tmp_path / "merged-float")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged-nf4")
     assert reloaded.config.quantization_config.load_in_4bit
-    keep_training_layout(reloaded)
     q_proj = reloaded.model.layers[0].self_attn.q_proj
     assert is_4bit(q_proj) and q_proj.weight.quant_state.nested
     # The saved codes are the NF4 quantization of the float merge.
     dense = float_merge.model.layers[0].self_attn.q_proj.weight
     error = (dequantized_weight(q_proj) - dense).abs().max() / dense.abs().max()
     assert 0 < error < 0.15
+    # The printed figure is what the saved 4-bit model does: its logits against the float merge's on
+    # the probe batch merge names, recomputed here from the two folders.
+    batch = probe_batch(AutoTokenizer.from_pretrained(tmp_path / "merged-nf4"))
+    measured = (probe_logits(reloaded, batch, "causal-lm") - probe_logits(float_merge, batch, "causal-lm")).abs().max().item()
+    assert measured > 1e-2  # 4-bit rounding of every linear: far from nothing
+    assert printed == pytest.approx(measured, rel=1e-3)  # printed to 4 significant digits
     with pytest.raises(LorafamError, match="--requantize 'int4'"):
         merge_run(run_dir, tmp_path / "bad", requantize="int4")
 
