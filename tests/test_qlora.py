@@ -25,6 +25,7 @@ from lorafam.quant import (
     dequantized_weight,
     estimate_weight_memory,
     is_4bit,
+    is_quantized,
     keep_training_layout,
 )
 from lorafam.recipe import ModelConfig, TrainConfig, validate_recipe
@@ -120,6 +121,63 @@ def test_dequantized_weight_is_close_to_the_original(tiny_dir):
     assert dense.shape == original.shape and dense.dtype == torch.float32
     error = (dense - original).abs().max() / original.abs().max()
     assert 0 < error < 0.15  # NF4: 16 levels per block of 64, scaled to the block's absmax
+
+
+@pytest.mark.parametrize("quantization, layer_type, param_type, dtype", [
+    ("fp4", "Linear4bit", "Params4bit", torch.uint8),
+    ("int8", "Linear8bitLt", "Int8Params", torch.int8),
+])
+def test_fp4_and_int8_bases_load_train_and_merge(quantization, layer_type, param_type, dtype, tiny_dir, tmp_path, gpt2_tokenizer):
+    """The other two `model.quantization` values: the bitsandbytes layers the README names, a LoRA that
+    trains on them (loss falls, every adapter tensor gets a gradient, no base byte moves), and a merge."""
+    original = LlamaForCausalLM.from_pretrained(tiny_dir)
+    recipe = validate_recipe(raw_recipe(tiny_dir, tmp_path, quantization=quantization))
+    model = load_model(recipe.model)
+    quantized = {n: m for n, m in model.named_modules() if is_quantized(m)}
+    assert len(quantized) == 2 * 7 and model.lm_head.weight.dtype == torch.float32  # every linear but the head
+    for name, module in quantized.items():
+        assert type(module).__name__ == layer_type and type(module.weight).__name__ == param_type, name
+        assert module.weight.dtype == dtype and not module.weight.requires_grad
+    q_proj = model.model.layers[0].self_attn.q_proj
+    dense, reference = dequantized_weight(q_proj), original.model.layers[0].self_attn.q_proj.weight
+    error = ((dense - reference).abs().max() / reference.abs().max()).item()
+    if quantization == "fp4":
+        assert q_proj.weight.quant_state.quant_type == "fp4"
+        nf4 = dequantized_weight(load_4bit(tiny_dir).model.layers[0].self_attn.q_proj)
+        assert not torch.equal(dense, nf4)  # fp4's 16 levels, not nf4's
+        assert 0 < error < 0.25
+    else:
+        assert 0 < error < 0.02  # 8 bits per weight, one scale per output row
+
+    variant = adapt(model, recipe, [])
+    before = {k: v.clone() for k, v in model.state_dict().items() if ".lora_" not in k}
+    model.train()
+    params = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    optimizer = torch.optim.AdamW(variant.param_groups(1e-2, 0.0))
+    batch = token_batch(model.config.vocab_size)
+    losses = []
+    for step in range(3):
+        loss = model(**batch).loss
+        loss.backward()
+        if step == 2:  # B starts at zero: A's gradient is zero on step 1 only
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[2] < losses[1] < losses[0], losses
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+    model.eval()
+    with torch.no_grad():
+        exact = dequantize_model(model, torch.float32)(input_ids=batch["input_ids"]).logits
+    run_dir = Path(recipe.output_dir)
+    save_run_files(run_dir, recipe, gpt2_tokenizer, {"label_names": None})
+    save_adapter(run_dir, variant, recipe)
+    merged = AutoModelForCausalLM.from_pretrained(merge_run(run_dir, tmp_path / "merged").path)
+    assert not hasattr(merged.config, "quantization_config")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=batch["input_ids"]).logits, exact, atol=1e-5, rtol=0)
 
 
 # --------------------------------------------------------------------------------------------------
