@@ -118,7 +118,8 @@ def merge(
     if result.requantize_max_logit_diff is not None:
         out.print(
             f"re-quantized to {requantize}: max abs logit difference vs the float merge "
-            f"{result.requantize_max_logit_diff:.4g} (fixed probe batch)"
+            f"{result.requantize_max_logit_diff:.4g} (fixed probe batch)",
+            soft_wrap=True,
         )
     out.print(f"merged model written to {result.path}")
 

@@ -99,3 +99,51 @@ def tiny_llama():
 def tiny_bert():
     torch.manual_seed(0)
     return BertForSequenceClassification(tiny_bert_config()).eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# bitsandbytes' CPU inference repacking, on any CPU
+
+
+def _packed_gemv_4bit(A, B, shapeB, absmax, code, blocksize):
+    """gemv_4bit on bitsandbytes' CPU-packed layout, outside autograd like the native kernel."""
+    from types import SimpleNamespace
+
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    with torch.no_grad():
+        n, k = shapeB
+        layout = SimpleNamespace(packing_format_for_cpu=True, original_qshape=(n * k // 2, 1), original_nested=False,
+                                 original_dtype=torch.float32, dtype=torch.bfloat16)
+        codes, _ = _convert_weight_packed_for_cpu_inverse(B, layout)
+        quant_type = "fp4" if code[1] > 0 else "nf4"
+        absmax = absmax.T.reshape(-1).float()  # packed: [K / blocksize, N] in bf16
+        weight = torch.ops.bitsandbytes.dequantize_4bit.default(codes, absmax, blocksize, quant_type, shapeB, torch.float32)
+        return (A.float() @ weight.T).to(A.dtype)
+
+
+@pytest.fixture
+def repacking_cpu(monkeypatch):
+    """bitsandbytes 4-bit layers built from here on behave as on a CPU with AVX512-BF16.
+
+    bitsandbytes decides per layer, in ``Linear4bit.__init__``, whether to repack its weight for
+    CPU inference (``support_avx512bf16_for_cpu = has_avx512bf16()``, in bitsandbytes.nn.modules),
+    and registers the CPU kernel a repacked layer runs (``gemv_4bit``, with no autograd formula) at
+    import, on such CPUs only. Here the decision answers yes (the repacking itself is plain torch)
+    and, where bitsandbytes registered no CPU kernel, ``_packed_gemv_4bit`` stands in for it: so
+    the tests of lorafam's guard against the repacking (lorafam.quant.keep_training_layout) see
+    the repacking happen, and lose gradients without the guard, on any CPU.
+    """
+    import bitsandbytes.nn.modules as bnb_modules
+    from bitsandbytes.functional import has_avx512bf16
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    if has_avx512bf16():  # the native kernel is registered: test with it
+        yield
+        return
+    library = torch.library.Library("bitsandbytes", "IMPL")
+    library.impl("gemv_4bit", _packed_gemv_4bit, "CPU")
+    try:
+        yield
+    finally:
+        library._destroy()  # back to bitsandbytes' generic kernel for the rest of the session

@@ -257,7 +257,7 @@ def test_chat_needs_a_chat_template(tmp_path):
     assert json_rows(result.output)[0]["output"] == expected
 
 
-def test_chat_and_generate_on_a_qlora_run(tmp_path, gpt2_tokenizer):
+def test_chat_and_generate_on_a_qlora_run(tmp_path, gpt2_tokenizer, repacking_cpu):
     """A QLoRA run answers on its 4-bit base, as `lorafam chat` loads it, and stays in the training layout."""
     from lorafam.chat import Settings, answer_prompts, open_target
     from lorafam.merge import load_adapted
@@ -285,7 +285,8 @@ def test_chat_and_generate_on_a_qlora_run(tmp_path, gpt2_tokenizer):
     layers = [m for m in target.model.modules() if is_4bit(m)]
     assert layers, "the QLoRA run should answer on its 4-bit base"
     answer_prompts(target, [PROMPT], Settings(max_new_tokens=3))
-    # An inference pass must not repack the weights into bitsandbytes' CPU-only layout (no backward after it).
+    # An inference pass must not repack the weights into bitsandbytes' CPU-only layout (no backward after
+    # it); repacking_cpu makes every layer one that would repack, whatever this CPU.
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
 
 

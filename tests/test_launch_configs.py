@@ -230,3 +230,79 @@ def test_fsdp_refuses_a_4bit_base_whose_compute_dtype_is_not_the_autocast_dtype(
             check_sharded_storage(NF4.model_copy(update={"compute_dtype": "float32"}), "bf16")
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     check_sharded_storage(NF4.model_copy(update={"compute_dtype": "float32"}), "bf16")  # one process: fine
+
+
+# --------------------------------------------------------------------------------------------------
+# train.mixed_precision: null takes the launch's precision
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state, fixed by the first Accelerator: a launched process
+    starts without one, and the runs after this test must not inherit its precision either."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("launched", ["bf16", "no"])
+def test_null_mixed_precision_trains_in_what_accelerate_launch_was_configured_with(launched, tmp_path, fresh_accelerate_state):
+    """configs/cpu.yaml with its mixed_precision set to ``launched``, turned into the environment
+    `accelerate launch` gives its process, and a recipe with ``train.mixed_precision: null``: the run
+    records and prints the launch's precision, and its training forward passes run in it."""
+    from tinyrun import cli, make_model_folder, make_text_data, write_recipe
+
+    text = (ROOT / "configs" / "cpu.yaml").read_text().replace("mixed_precision: 'no'", f"mixed_precision: '{launched}'")
+    (tmp_path / "launch.yaml").write_text(text)
+    env, processes = launch(tmp_path / "launch.yaml")
+    assert processes == 1 and env["ACCELERATE_MIXED_PRECISION"] == launched
+    env.pop("OMP_NUM_THREADS", None)  # the thread count is fixed once torch has started; not under test
+
+    model = make_model_folder(tmp_path / "model")
+    recipe = write_recipe(tmp_path / "r.yaml", model, make_text_data(tmp_path / "d.jsonl"), tmp_path / "run",
+                          train={"max_steps": 2, "save_every": None, "mixed_precision": None})
+    assert load_recipe(recipe).train.mixed_precision is None
+    dtypes: set[torch.dtype] = set()
+
+    def record(module: torch.nn.Module, args, output) -> None:  # the adapted layers' base matmuls
+        if module.training and isinstance(module, torch.nn.Linear) and torch.is_grad_enabled():
+            dtypes.add(output.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        with patch_environment(**env):
+            result = cli("train", recipe)
+    finally:
+        handle.remove()
+    assert result.exit_code == 0, result.output
+    shown = "fp32" if launched == "no" else launched
+    assert f"precision: {shown} (from accelerate launch's config ({launched}))" in result.output
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["precision"] == {"mixed_precision": launched, "requested": None,
+                                 "reason": f"from accelerate launch's config ({launched})"}
+    assert dtypes == {torch.bfloat16 if launched == "bf16" else torch.float32}
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_runs_it_natively(monkeypatch):
+    """train.mixed_precision: auto on a CPU-only machine, from the CPU's flags (/proc/cpuinfo)."""
+    import lorafam.hardware as hardware
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(hardware, "use_cpu", lambda: True)
+    cases = {
+        frozenset({"avx2", "avx512f"}): "no",  # AVX-512 without its bf16 extension: emulated, fp32 wins
+        frozenset({"avx2", "avx512_bf16"}): "bf16",
+        frozenset({"amx_bf16", "amx_tile"}): "bf16",
+        None: "no",  # flags unreadable (not Linux)
+    }
+    for flags, expected in cases.items():
+        monkeypatch.setattr(hardware, "cpu_flags", lambda flags=flags: None if flags is None else set(flags))
+        chosen = hardware.choose_precision("auto")
+        assert (chosen.mixed_precision, chosen.requested) == (expected, "auto"), (flags, chosen)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert hardware.choose_precision("no").mixed_precision == "no"  # an explicit choice wins over the launch
+    assert hardware.choose_precision(None).mixed_precision == "bf16"
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    assert hardware.choose_precision(None).mixed_precision == "no"  # a plain `python -m lorafam`: no launch

@@ -9,7 +9,7 @@ import datasets
 import pytest
 import torch
 from rich.console import Console
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from lorafam.adapters import VARIANTS
 from lorafam.adapters.lora import LoRA
@@ -21,9 +21,11 @@ from lorafam.optim import make_optimizer
 from lorafam.quant import (
     bits_per_param,
     bnb_config,
+    dequantize_model,
     dequantized_weight,
     estimate_weight_memory,
     is_4bit,
+    is_quantized,
     keep_training_layout,
 )
 from lorafam.recipe import ModelConfig, TrainConfig, validate_recipe
@@ -121,6 +123,63 @@ def test_dequantized_weight_is_close_to_the_original(tiny_dir):
     assert 0 < error < 0.15  # NF4: 16 levels per block of 64, scaled to the block's absmax
 
 
+@pytest.mark.parametrize("quantization, layer_type, param_type, dtype", [
+    ("fp4", "Linear4bit", "Params4bit", torch.uint8),
+    ("int8", "Linear8bitLt", "Int8Params", torch.int8),
+])
+def test_fp4_and_int8_bases_load_train_and_merge(quantization, layer_type, param_type, dtype, tiny_dir, tmp_path, gpt2_tokenizer):
+    """The other two `model.quantization` values: the bitsandbytes layers the README names, a LoRA that
+    trains on them (loss falls, every adapter tensor gets a gradient, no base byte moves), and a merge."""
+    original = LlamaForCausalLM.from_pretrained(tiny_dir)
+    recipe = validate_recipe(raw_recipe(tiny_dir, tmp_path, quantization=quantization))
+    model = load_model(recipe.model)
+    quantized = {n: m for n, m in model.named_modules() if is_quantized(m)}
+    assert len(quantized) == 2 * 7 and model.lm_head.weight.dtype == torch.float32  # every linear but the head
+    for name, module in quantized.items():
+        assert type(module).__name__ == layer_type and type(module.weight).__name__ == param_type, name
+        assert module.weight.dtype == dtype and not module.weight.requires_grad
+    q_proj = model.model.layers[0].self_attn.q_proj
+    dense, reference = dequantized_weight(q_proj), original.model.layers[0].self_attn.q_proj.weight
+    error = ((dense - reference).abs().max() / reference.abs().max()).item()
+    if quantization == "fp4":
+        assert q_proj.weight.quant_state.quant_type == "fp4"
+        nf4 = dequantized_weight(load_4bit(tiny_dir).model.layers[0].self_attn.q_proj)
+        assert not torch.equal(dense, nf4)  # fp4's 16 levels, not nf4's
+        assert 0 < error < 0.25
+    else:
+        assert 0 < error < 0.02  # 8 bits per weight, one scale per output row
+
+    variant = adapt(model, recipe, [])
+    before = {k: v.clone() for k, v in model.state_dict().items() if ".lora_" not in k}
+    model.train()
+    params = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    optimizer = torch.optim.AdamW(variant.param_groups(1e-2, 0.0))
+    batch = token_batch(model.config.vocab_size)
+    losses = []
+    for step in range(3):
+        loss = model(**batch).loss
+        loss.backward()
+        if step == 2:  # B starts at zero: A's gradient is zero on step 1 only
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[2] < losses[1] < losses[0], losses
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+    model.eval()
+    with torch.no_grad():
+        exact = dequantize_model(model, torch.float32)(input_ids=batch["input_ids"]).logits
+    run_dir = Path(recipe.output_dir)
+    save_run_files(run_dir, recipe, gpt2_tokenizer, {"label_names": None})
+    save_adapter(run_dir, variant, recipe)
+    merged = AutoModelForCausalLM.from_pretrained(merge_run(run_dir, tmp_path / "merged").path)
+    assert not hasattr(merged.config, "quantization_config")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=batch["input_ids"]).logits, exact, atol=1e-5, rtol=0)
+
+
 # --------------------------------------------------------------------------------------------------
 # Adapter on the quantized base
 
@@ -159,28 +218,41 @@ def test_training_updates_only_adapter_params(tiny_dir):
 
 # --------------------------------------------------------------------------------------------------
 # The trap: an eval pass must not cost the quantized layers their input gradients
+#
+# bitsandbytes decides per layer, in Linear4bit.__init__, whether to repack for CPU inference:
+# ``self.support_avx512bf16_for_cpu = has_avx512bf16()`` (bitsandbytes.nn.modules), and a repacked
+# layer's matmul runs the ``gemv_4bit`` op, whose CPU kernel bitsandbytes registers (at import, on
+# such CPUs only) with no autograd formula: its output carries no gradient back to its input.
+# The ``repacking_cpu`` fixture (conftest.py) makes both true on any CPU, so these tests cannot pass
+# vacuously where the instructions are missing (the packed kernel's output is checked below).
 
 
-def trained_grads_after_eval(tiny_dir: Path, tmp_path: Path, tokenizer, guard: bool) -> list[float]:
+def packed_layers(model: torch.nn.Module) -> int:
+    """4-bit layers currently in bitsandbytes' CPU inference layout."""
+    return sum(bool(getattr(m.weight.quant_state, "packing_format_for_cpu", False)) for m in model.modules() if is_4bit(m))
+
+
+def trained_grads_after_eval(tiny_dir: Path, tmp_path: Path, tokenizer, guard: bool) -> tuple[list[float], list[int]]:
     """Train with the real trainer, evaluating every step; return layer 0's q_proj A+B grad norms
-    seen at each optimizer step."""
+    seen at each optimizer step, and how many 4-bit layers were repacked at that point."""
     recipe = validate_recipe(raw_recipe(tiny_dir, tmp_path) | {"train": {
         "max_steps": 3, "batch_size": 4, "lr": 1e-2, "eval_every": 1, "log_every": 1}})
     model = load_4bit(tiny_dir)  # eval mode, as from_pretrained returns it
-    if not guard:  # undo load_model's guard: the layers as transformers returns them
-        from bitsandbytes.functional import has_avx512bf16
-
+    assert all(not m.support_avx512bf16_for_cpu for m in model.modules() if is_4bit(m))  # load_model's guard
+    if not guard:  # undo it: the layers as transformers returns them on such a CPU
         for module in model.modules():
             if is_4bit(module):
-                module.support_avx512bf16_for_cpu = has_avx512bf16()
+                module.support_avx512bf16_for_cpu = True
     variant = adapt(model, recipe, [])
     layer = first_layer(variant)
     seen: list[float] = []
+    packed: list[int] = []
     after_step = variant.after_step
 
     def record(step: int, total: int) -> dict:
         grads = [p.grad for p in (layer.lora_A.weight, layer.lora_B.weight)]
         seen.append(sum(0.0 if g is None else g.norm().item() for g in grads))
+        packed.append(packed_layers(model))
         return after_step(step, total)
 
     variant.after_step = record
@@ -196,38 +268,51 @@ def trained_grads_after_eval(tiny_dir: Path, tmp_path: Path, tokenizer, guard: b
     finally:
         if not guard:
             trainer_module.keep_training_layout = original
-    return seen
+    packed.append(packed_layers(model))  # after the last eval
+    return seen, packed
 
 
 @pytest.mark.filterwarnings("ignore:bitsandbytes..gemv_4bit")  # the unguarded run's lost gradient
-def test_eval_pass_during_training_keeps_gradients_flowing(tiny_dir, tmp_path, gpt2_tokenizer):
-    grads = trained_grads_after_eval(tiny_dir, tmp_path, gpt2_tokenizer, guard=True)
+def test_eval_pass_during_training_keeps_gradients_flowing(tiny_dir, tmp_path, gpt2_tokenizer, repacking_cpu):
+    grads, packed = trained_grads_after_eval(tiny_dir, tmp_path, gpt2_tokenizer, guard=True)
     assert len(grads) == 3 and all(g > 0 for g in grads)
-    # Layer 0's q_proj sits below every other quantized layer: its gradient has passed through the
-    # input gradient of layer 1's q/k/v/o and the MLP. Without the guard, on a CPU where the
-    # repacking exists, the same run loses it after the first eval (this is what the guard fixes).
-    from bitsandbytes.functional import has_avx512bf16
-
-    unguarded = trained_grads_after_eval(tiny_dir, tmp_path / "unguarded", gpt2_tokenizer, guard=False)
-    if has_avx512bf16():
-        assert unguarded[1:] == [0.0, 0.0]
-    else:
-        assert all(g > 0 for g in unguarded)
+    assert packed == [0, 0, 0, 0]  # three evals (one per step) and not one layer repacked
+    # Layer 0's q_proj reaches the loss only through o_proj and everything above it, all 4-bit.
+    # Without the guard the same run repacks every layer at its first eval (the "eval before",
+    # ahead of step 1) and the adapter gets exactly no gradient at any step: what the guard prevents.
+    unguarded, packed = trained_grads_after_eval(tiny_dir, tmp_path / "unguarded", gpt2_tokenizer, guard=False)
+    assert packed == [14, 14, 14, 14]
+    assert unguarded == [0.0, 0.0, 0.0]
 
 
-def test_guard_undoes_an_earlier_repacking(tiny_dir):
+def test_guard_undoes_an_earlier_repacking(tiny_dir, repacking_cpu):
     config = bnb_config(ModelConfig(name=str(tiny_dir), quantization="nf4"))
     model = LlamaForCausalLM.from_pretrained(tiny_dir, quantization_config=config)  # no guard
     batch = token_batch(model.config.vocab_size)
     q_proj = model.model.layers[0].self_attn.q_proj
     reference = dequantized_weight(q_proj).clone()
+    codes = q_proj.weight.data.clone()
     with torch.no_grad():
-        model(input_ids=batch["input_ids"])  # eval + no grad: repacked where the CPU allows
-    assert keep_training_layout(model) == 14
+        model.train()  # train mode: no repacking
+        plain = model(input_ids=batch["input_ids"]).logits
+        assert packed_layers(model) == 0
+        model.eval()
+        repacked = model(input_ids=batch["input_ids"]).logits  # eval + no grad: every layer repacks
+    assert packed_layers(model) == 14
     state = q_proj.weight.quant_state
-    assert not getattr(state, "packing_format_for_cpu", False) and state.nested
+    assert not state.nested and state.absmax.dtype == torch.bfloat16  # the inference layout's constants
+    # The packed kernel computes the same model (bf16 absmax; logits here are ~0.3).
+    torch.testing.assert_close(repacked, plain, atol=2e-2, rtol=0)
+    assert keep_training_layout(model) == 14
+    assert packed_layers(model) == 0
+    assert not state.packing_format_for_cpu and state.nested
+    assert not any(m.support_avx512bf16_for_cpu for m in model.modules() if is_4bit(m))
+    assert torch.equal(q_proj.weight.data, codes)  # the 4-bit codes come back exactly
     # Undoing re-quantizes the absmax (bf16 round trip): within bf16 precision of the original.
     torch.testing.assert_close(dequantized_weight(q_proj), reference, rtol=1e-2, atol=1e-3)
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"])
+    assert packed_layers(model) == 0  # and the next eval pass leaves it alone
 
 
 # --------------------------------------------------------------------------------------------------
@@ -238,35 +323,55 @@ SUPPORTED = sorted(name for name, v in VARIANTS.items() if v.supports_quantized_
 
 
 @pytest.mark.parametrize("name", SUPPORTED)
-def test_supported_variant_trains_on_4bit_base(name, tiny_dir):
+def test_supported_variant_trains_on_4bit_base(name, tiny_dir, tmp_path, gpt2_tokenizer):
+    recipe = validate_recipe(raw_recipe(tiny_dir, tmp_path, variant=name))
     model = load_4bit(tiny_dir)
-    variant = VARIANTS[name](VARIANTS[name].Config(variant=name, r=4, target_modules=ADAPTED)).apply(model)
+    variant = adapt(model, recipe, [])
     model.train()
-    params = variant.trainable_parameters()
-    before = [p.detach().clone() for p in params]
+    params = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    assert params and set(map(id, params.values())) == set(map(id, variant.trainable_parameters()))
     optimizer = torch.optim.AdamW(variant.param_groups(1e-2, 0.0))
     batch = token_batch(model.config.vocab_size)
-    losses = []
-    for step in range(1, 4):
+    steps, losses = 4, []
+    for step in range(1, steps + 1):
         loss = model(**batch).loss
         extras = variant.extra_losses()
         (loss + sum(extras.values()) if extras else loss).backward()
-        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params.values())
+        if step == steps:
+            # Zero-initialized factors (B, VeRA's d, GLoRA's pieces) make some gradients zero on
+            # step 1 only; by the last step every trainable tensor must get one. q/v_proj reach the
+            # loss only through o_proj, a 4-bit layer: one that passed no input gradient would
+            # leave every adapter here at exactly zero.
+            silent = [n for n, p in params.items() if not p.grad.abs().sum() > 0]
+            assert not silent, f"no gradient reached {silent}"
         optimizer.step()
-        variant.after_step(step, 3)
+        variant.after_step(step, steps)
         optimizer.zero_grad()
         losses.append(loss.item())
-    assert all(torch.isfinite(torch.tensor(losses)))
-    assert any(not torch.equal(b, p) for b, p in zip(before, params))
+    assert losses[-1] < losses[0], losses  # same batch every step: it must fit it (AdaLoRA least: ~3e-4)
     assert all(is_4bit(layer.base_layer) for layer in variant.layers.values())
-    # merge works on the quantized base: float linears from W_deq + delta
+
+    # Merge as users do: the run folder through merge_run (W_deq + delta, written, reloaded and
+    # checked by merge itself), then the folder read back by plain transformers.
+    model.eval()
     with torch.no_grad():
-        model.eval()
-        adapted = model(input_ids=batch["input_ids"]).logits
-        paths = list(variant.layers)
-        merged = variant.merge()
-        assert not any(is_4bit(merged.get_submodule(path)) for path in paths)
-        torch.testing.assert_close(merged(input_ids=batch["input_ids"]).logits, adapted, atol=MERGE_ATOL, rtol=0)
+        adapted = model(input_ids=batch["input_ids"]).logits  # 4-bit base, bf16 compute
+        exact = dequantize_model(model, torch.float32)(input_ids=batch["input_ids"]).logits  # W_deq, fp32
+        untrained = dequantize_model(load_4bit(tiny_dir), torch.float32)(input_ids=batch["input_ids"]).logits
+    run_dir = Path(recipe.output_dir)
+    save_run_files(run_dir, recipe, gpt2_tokenizer, {"label_names": None})
+    save_adapter(run_dir, variant, recipe)
+    result = merge_run(run_dir, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(result.path)
+    assert not hasattr(merged.config, "quantization_config")
+    assert all(type(p) is torch.nn.Parameter and p.dtype == torch.float32 for p in merged.parameters())
+    with torch.no_grad():
+        merged_logits = merged(input_ids=batch["input_ids"]).logits
+    torch.testing.assert_close(merged_logits, exact, atol=1e-5, rtol=0)  # the same function, in fp32
+    torch.testing.assert_close(merged_logits, adapted, atol=MERGE_ATOL, rtol=0)  # up to bf16 compute
+    # ... and what was merged is the training (AdaLoRA, the smallest, moved the logits by ~2e-2).
+    assert (exact - untrained).abs().max() > 100 * 1e-5
 
 
 def test_every_registered_variant_is_accepted_or_rejected_at_recipe_load(tiny_dir, tmp_path):
@@ -350,19 +455,40 @@ def test_merge_of_a_4bit_run_equals_the_adapted_model(tiny_dir, tmp_path, gpt2_t
 
 
 def test_merge_requantize_saves_a_4bit_model_and_reports_its_error(tiny_dir, tmp_path, gpt2_tokenizer):
+    import re
+
+    from typer.testing import CliRunner
+
+    from lorafam.cli import app
+    from lorafam.merge import probe_batch, probe_logits
+
     run_dir = trained_4bit_run(tiny_dir, tmp_path, gpt2_tokenizer)
-    float_merge = merged_model(open_run(run_dir))
-    result = merge_run(run_dir, tmp_path / "merged-nf4", requantize="nf4")
-    assert result.requantize_max_logit_diff is not None and result.requantize_max_logit_diff > 0
-    reloaded = AutoModelForCausalLM.from_pretrained(result.path)
+    runner = CliRunner()
+    float_cli = runner.invoke(app, ["merge", str(run_dir), "--output", str(tmp_path / "merged-float")], terminal_width=200)
+    assert float_cli.exit_code == 0, float_cli.output
+    result = runner.invoke(
+        app, ["merge", str(run_dir), "--output", str(tmp_path / "merged-nf4"), "--requantize", "nf4"], terminal_width=200
+    )
+    assert result.exit_code == 0, result.output
+    line = next(l for l in result.output.splitlines() if l.startswith("re-quantized to nf4"))
+    printed = float(re.fullmatch(r"re-quantized to nf4: max abs logit difference vs the float merge (\S+) \(fixed probe batch\)", line)[1])
+
+    # Both folders as users read them: plain transformers, no lorafam code in the load.
+    float_merge = AutoModelForCausalLM.from_pretrained(tmp_path / "merged-float")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged-nf4")
     assert reloaded.config.quantization_config.load_in_4bit
-    keep_training_layout(reloaded)
     q_proj = reloaded.model.layers[0].self_attn.q_proj
     assert is_4bit(q_proj) and q_proj.weight.quant_state.nested
     # The saved codes are the NF4 quantization of the float merge.
     dense = float_merge.model.layers[0].self_attn.q_proj.weight
     error = (dequantized_weight(q_proj) - dense).abs().max() / dense.abs().max()
     assert 0 < error < 0.15
+    # The printed figure is what the saved 4-bit model does: its logits against the float merge's on
+    # the probe batch merge names, recomputed here from the two folders.
+    batch = probe_batch(AutoTokenizer.from_pretrained(tmp_path / "merged-nf4"))
+    measured = (probe_logits(reloaded, batch, "causal-lm") - probe_logits(float_merge, batch, "causal-lm")).abs().max().item()
+    assert measured > 1e-2  # 4-bit rounding of every linear: far from nothing
+    assert printed == pytest.approx(measured, rel=1e-3)  # printed to 4 significant digits
     with pytest.raises(LorafamError, match="--requantize 'int4'"):
         merge_run(run_dir, tmp_path / "bad", requantize="int4")
 

@@ -6,6 +6,8 @@ trainable-parameter formula (the paper's count), which a new variant must add.
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 import torch
 from conftest import tiny_bert_config, tiny_llama_config
@@ -214,3 +216,56 @@ def test_exactly_the_listed_variants_refuse_dropout(name):
     else:
         assert VARIANTS[name].Config(**keys, dropout=0.1).dropout == 0.1
     assert VARIANTS[name].Config(**keys, dropout=0.0).dropout == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# adapter.init: gaussian
+
+
+def init_choices(name: str) -> tuple[str, ...]:
+    field = VARIANTS[name].Config.model_fields.get("init")
+    return typing.get_args(field.annotation) if field is not None else ()
+
+
+GAUSSIAN = [name for name in NAMES if "gaussian" in init_choices(name)]
+
+
+def initial_factors(name: str, init: str, r: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every A and every B entry of a fresh adapter (each tensor once) on a 256-wide Llama, r = 16:
+    32,768 A entries (fewer once pairs are shared). A variant that later restructures its pairs (LoRA-drop's fresh and shared
+    pairs) is restructured too, so its second init path is included."""
+    torch.manual_seed(0)
+    config = tiny_llama_config(vocab_size=16)
+    config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.head_dim = 256, 512, 1, 64
+    model = LlamaForCausalLM(config)
+    cfg = VARIANTS[name].Config(variant=name, r=r, alpha=8, target_modules="all-linear", init=init)
+    variant = build_variant(cfg).apply(model)
+    restructure = getattr(variant, "restructure", None)
+    if restructure is not None:
+        restructure(kept=list(variant.layers)[:1], seed=1)
+    pairs = [layer.low_rank_factors() for layer in variant.layers.values()]
+    unique = lambda ts: torch.cat([t.detach().flatten() for t in {id(t): t for t in ts}.values()])  # noqa: E731
+    if restructure is not None:
+        assert len({id(A) for _, A in pairs}) < len(pairs)  # some layers share a pair now
+    return unique(A for _, A in pairs), unique(B for B, _ in pairs)
+
+
+def is_normal_with_std(values: torch.Tensor, std: float) -> bool:
+    """Mean 0, standard deviation ``std`` (within 3%) and kurtosis 3 (within 0.25): tolerances of
+    over 5 standard errors at 32k samples, while Kaiming-uniform (std 1/sqrt(3 in) = 0.036 at in =
+    256, kurtosis 1.8) misses both."""
+    values = values.double()
+    mean, sd = values.mean().item(), values.std().item()
+    kurtosis = (((values - mean) / sd) ** 4).mean().item()
+    return abs(mean) < 5 * std / values.numel() ** 0.5 and abs(sd / std - 1) < 0.03 and abs(kurtosis - 3) < 0.25
+
+
+@pytest.mark.parametrize("name", GAUSSIAN)
+def test_gaussian_init_draws_A_from_normal_with_std_one_over_r(name):
+    r = 16
+    A, B = initial_factors(name, "gaussian", r)
+    assert A.numel() >= 20_000 and torch.count_nonzero(B) == 0
+    assert is_normal_with_std(A, 1 / r)
+    default_A, default_B = initial_factors(name, "default", r)
+    assert torch.count_nonzero(default_B) == 0
+    assert not is_normal_with_std(default_A, 1 / r)  # the check tells the two inits apart

@@ -15,7 +15,7 @@ from peft import LoraConfig, VeraConfig, get_peft_model
 from test_variants import R, inputs, logits, make_model, perturb
 from tinyrun import adapter_section, cli, make_model_folder, write_recipe
 
-from lorafam.adapters import build_variant
+from lorafam.adapters import VARIANTS, build_variant
 from lorafam.adapters.base import PEFT_PREFIX
 from lorafam.adapters.dora import DoRALayer
 from lorafam.adapters.vera import PROJECTION_KEYS, PROJECTIONS_ATTR
@@ -461,3 +461,49 @@ def test_dora_adapter_config_and_keys_are_peft_s():
             "lora_B.weight",
             "lora_magnitude_vector",
         ]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dora_norm_and_magnitude_are_fp32_on_a_16bit_base(tmp_path, dtype):
+    """On a base loaded in 16 bits (model.dtype), DoRA's magnitude starts at, and its forward divides
+    by, the fp32 norm of the upcast weights, not a norm taken in the base's dtype (what PEFT does):
+    that one is off by up to ~0.4% (bf16), which this base shows (the check below requires it)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorafam.modeling import load_model
+    from lorafam.recipe import ModelConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    model = load_model(ModelConfig(name=str(tmp_path / "model"), dtype=str(dtype).removeprefix("torch.")))
+    cfg = VARIANTS["dora"].Config(variant="dora", r=8, alpha=16, target_modules="all-linear")
+    variant = build_variant(cfg).apply(model)
+    layers = list(variant.layers.values())
+    assert len(layers) == 7 and all(layer.base_layer.weight.dtype == dtype for layer in layers)
+
+    def fp32_norm(weight: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(weight.float(), dim=1)
+
+    def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a.float() - b.float()).abs() / b.float()).max().item()
+
+    in_base_dtype = []
+    for layer in layers:
+        w0 = layer.base_layer.weight
+        m = layer.lora_magnitude_vector
+        assert m.dtype == torch.float32 and layer.weight_norm().dtype == torch.float32
+        torch.testing.assert_close(m, fp32_norm(w0), rtol=1e-6, atol=0)
+        in_base_dtype.append(relative(torch.linalg.vector_norm(w0, dim=1), fp32_norm(w0)))
+    assert max(in_base_dtype) > 100 * 1e-6  # so the 1e-6 above tells the two apart
+
+    # With an update, under the autocast a 16-bit run trains in: still V's fp32 norm.
+    perturb(variant)
+    autocast = torch.autocast("cpu", dtype=dtype)
+    for layer in layers:
+        v = layer.base_layer.weight.float() + layer.scaling * layer.lora_B.weight @ layer.lora_A.weight
+        with autocast:
+            used = layer.weight_norm()
+        assert used.dtype == torch.float32
+        torch.testing.assert_close(used, fp32_norm(v), rtol=1e-6, atol=0)
