@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 
 from lorafam.adapters import VARIANTS
+from lorafam.quant import compute_dtype
 from lorafam.tasks import get_task
 
 if TYPE_CHECKING:
@@ -125,7 +126,7 @@ def model_card(run: LoadedRun, kind: Kind, **details: Any) -> str:
     lines.append(f"- Base model: `{recipe.model.name}`" + (f" (`{base}`)" if base != recipe.model.name else ""))
     if recipe.model.quantization is not None:
         lines.append(
-            f"- Quantized base (QLoRA): {recipe.model.quantization}, compute dtype {recipe.model.compute_dtype}; the merge "
+            f"- Quantized base (QLoRA): {recipe.model.quantization}, compute dtype {compute_dtype(recipe.model)}; the merge "
             "folds the adapter into the dequantized base it was trained against"
         )
     lines.append(f"- Data: `{recipe.data.train}`" + (f", eval `{recipe.data.eval}`" if recipe.data.eval else f", {recipe.data.eval_split:g} held out for eval"))

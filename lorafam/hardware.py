@@ -95,19 +95,26 @@ def choose_precision(requested: str | None) -> Precision:
         return Precision(launched, None, f"from accelerate launch's config ({launched})")
     if requested != "auto":
         return Precision(requested, requested, "set in the recipe")
+    native, reason = native_bf16()
+    return Precision("bf16" if native else "no", "auto", reason)
+
+
+def native_bf16() -> tuple[bool, str]:
+    """Whether this machine runs bf16 natively (not emulated), and why: the rule behind
+    ``train.mixed_precision: auto`` and ``model.compute_dtype: auto``."""
     if torch.cuda.is_available():
         if torch.cuda.is_bf16_supported():
-            return Precision("bf16", "auto", f"{torch.cuda.get_device_name()} runs bf16 natively")
-        return Precision("no", "auto", "this GPU has no native bf16 (set fp16 to use loss-scaled fp16)")
+            return True, f"{torch.cuda.get_device_name()} runs bf16 natively"
+        return False, "this GPU has no native bf16 (set fp16 to use loss-scaled fp16)"
     if not use_cpu():
-        return Precision("no", "auto", "bf16 support of this accelerator is not known; fp32")
+        return False, "bf16 support of this accelerator is not known; fp32"
     flags = cpu_flags()
     if flags is None:
-        return Precision("no", "auto", f"CPU features unknown on {platform.system()}; fp32")
+        return False, f"CPU features unknown on {platform.system()}; fp32"
     native = [f for f in NATIVE_BF16_CPU_FLAGS if f in flags]
     if native:
-        return Precision("bf16", "auto", f"the CPU has {'/'.join(native)} (native bf16)")
-    return Precision("no", "auto", "the CPU has no AMX or AVX512_BF16, so bf16 would be emulated (slower than fp32)")
+        return True, f"the CPU has {'/'.join(native)} (native bf16)"
+    return False, "the CPU has no AMX or AVX512_BF16, so bf16 would be emulated (slower than fp32)"
 
 
 def check_process_count(num_processes: int) -> None:

@@ -65,9 +65,21 @@ def bnb_config(cfg: ModelConfig) -> BitsAndBytesConfig | None:
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.quantization,
         bnb_4bit_use_double_quant=double_quant(cfg),
-        bnb_4bit_compute_dtype=getattr(torch, cfg.compute_dtype),
+        bnb_4bit_compute_dtype=getattr(torch, compute_dtype(cfg)),
         bnb_4bit_quant_storage=quant_storage(cfg),
     )
+
+
+def compute_dtype(cfg: ModelConfig) -> str:
+    """``model.compute_dtype`` resolved: ``auto`` is bfloat16 where bf16 runs natively (a bf16 GPU, a
+    CPU with AMX or AVX512_BF16), else float32. bitsandbytes dequantizes every 4-bit weight to this
+    dtype for each matmul; on a CPU that emulates bf16 a bf16 4-bit layer's forward and backward took
+    ~21x as long as a float32 one (benchmarks/qlora_compute.py)."""
+    if cfg.compute_dtype != "auto":
+        return cfg.compute_dtype
+    from lorafam.hardware import native_bf16
+
+    return "bfloat16" if native_bf16()[0] else "float32"
 
 
 def quant_storage(cfg: ModelConfig) -> torch.dtype:
@@ -82,7 +94,7 @@ def quant_storage(cfg: ModelConfig) -> torch.dtype:
     """
     from lorafam.hardware import launched_engine
 
-    return getattr(torch, cfg.compute_dtype) if launched_engine() == "fsdp" else torch.uint8
+    return getattr(torch, compute_dtype(cfg)) if launched_engine() == "fsdp" else torch.uint8
 
 
 def check_sharded_storage(cfg: ModelConfig, mixed_precision: str) -> None:
@@ -91,10 +103,11 @@ def check_sharded_storage(cfg: ModelConfig, mixed_precision: str) -> None:
     from lorafam.hardware import launched_engine
 
     autocast = {"bf16": "bfloat16", "fp16": "float16"}.get(mixed_precision)
-    if cfg.quantization in FOUR_BIT and launched_engine() == "fsdp" and autocast not in (None, cfg.compute_dtype):
+    compute = compute_dtype(cfg)
+    if cfg.quantization in FOUR_BIT and launched_engine() == "fsdp" and autocast not in (None, compute):
         raise LorafamError(
-            f"model.compute_dtype: {cfg.compute_dtype} under FSDP with {mixed_precision} mixed precision: FSDP casts "
-            f"every weight it shards to {autocast}, and the 4-bit weights are packed in {cfg.compute_dtype} there; "
+            f"model.compute_dtype: {compute} under FSDP with {mixed_precision} mixed precision: FSDP casts "
+            f"every weight it shards to {autocast}, and the 4-bit weights are packed in {compute} there; "
             f"set model.compute_dtype: {autocast} (or train.mixed_precision: no)"
         )
 
@@ -408,5 +421,5 @@ def describe(model_cfg: Any) -> str:
     if model_cfg.quantization == "int8":
         return "int8"
     dq = ", double quant" if double_quant(model_cfg) else ""
-    return f"{model_cfg.quantization}{dq}, {model_cfg.compute_dtype} compute"
+    return f"{model_cfg.quantization}{dq}, {compute_dtype(model_cfg)} compute"
 

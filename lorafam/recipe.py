@@ -42,8 +42,10 @@ class ModelConfig(Section):
     double_quant: bool | None = Field(
         None, description="nf4/fp4: also quantize the quantization constants (saves ~0.37 bits/param); default on."
     )
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="nf4/fp4: dtype the 4-bit weights are dequantized to for each matmul."
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="nf4/fp4: dtype the 4-bit weights are dequantized to for each matmul. auto: bfloat16 (the "
+        "QLoRA paper's) where the hardware runs bf16 natively, else float32 (emulated bf16 is many times slower).",
     )
 
     @model_validator(mode="after")

@@ -201,7 +201,7 @@ def test_a_deepspeed_config_file_with_another_micro_batch_is_refused(tmp_path):
 # 4-bit weights under FSDP
 
 
-NF4 = ModelConfig(name="m", quantization="nf4")
+NF4 = ModelConfig(name="m", quantization="nf4", compute_dtype="bfloat16")
 
 
 def test_4bit_weights_are_packed_in_the_compute_dtype_under_fsdp(monkeypatch):

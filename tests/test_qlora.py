@@ -15,6 +15,7 @@ from lorafam.adapters import VARIANTS
 from lorafam.adapters.lora import LoRA
 from lorafam.data import PreparedData
 from lorafam.errors import LorafamError
+from lorafam.hardware import native_bf16
 from lorafam.merge import merge_run, merged_model
 from lorafam.modeling import load_model
 from lorafam.optim import make_optimizer
@@ -23,6 +24,7 @@ from lorafam.quant import (
     bnb_config,
     dequantize_model,
     dequantized_weight,
+    describe,
     estimate_weight_memory,
     is_4bit,
     is_quantized,
@@ -103,7 +105,7 @@ def test_4bit_load_with_double_quant_gives_params4bit_with_nested_state(tiny_dir
         state = weight.quant_state
         assert state.quant_type == "nf4" and state.blocksize == 64
         assert state.nested and state.state2 is not None and state.absmax.dtype == torch.uint8
-        assert module.compute_dtype == torch.bfloat16
+        assert module.compute_dtype == (torch.bfloat16 if native_bf16()[0] else torch.float32)  # compute_dtype: auto
     float_params = {n: p for n, p in model.named_parameters() if type(p).__name__ != "Params4bit"}
     assert float_params and all(p.dtype == torch.float32 for p in float_params.values())
     assert not any(p.requires_grad for p in model.parameters())
@@ -112,6 +114,19 @@ def test_4bit_load_with_double_quant_gives_params4bit_with_nested_state(tiny_dir
     q_proj = plain.model.layers[0].self_attn.q_proj
     assert not q_proj.weight.quant_state.nested and q_proj.weight.quant_state.absmax.dtype == torch.float32
     assert q_proj.compute_dtype == torch.float32
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_compute_dtype_is_bf16_only_where_bf16_is_native(native, monkeypatch):
+    import lorafam.hardware
+
+    monkeypatch.setattr(lorafam.hardware, "native_bf16", lambda: (native, "stated by the test"))
+    auto = ModelConfig(name="m", quantization="nf4")
+    assert auto.compute_dtype == "auto"
+    assert bnb_config(auto).bnb_4bit_compute_dtype == (torch.bfloat16 if native else torch.float32)
+    assert describe(auto) == f"nf4, double quant, {'bfloat16' if native else 'float32'} compute"
+    chosen = ModelConfig(name="m", quantization="nf4", compute_dtype="float16")
+    assert bnb_config(chosen).bnb_4bit_compute_dtype == torch.float16  # a stated dtype is kept
 
 
 def test_dequantized_weight_is_close_to_the_original(tiny_dir):
