@@ -210,8 +210,14 @@ def make_accelerator(precision: Precision) -> Accelerator:
     """The Accelerator for one training phase, on the CPU when there is no accelerator."""
     from accelerate.utils import InitProcessGroupKwargs
 
+    from accelerate.state import AcceleratorState
+
     cpu, backend = process_group()
     handlers = [InitProcessGroupKwargs(backend=backend)] if backend else None
+    # Accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another
+    # precision: a second run in the same process (the Python API, a notebook) starts its own. The
+    # process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=precision.mixed_precision, cpu=cpu, kwargs_handlers=handlers)
     check_process_count(accelerator.num_processes)
     return accelerator

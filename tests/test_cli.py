@@ -238,3 +238,17 @@ def test_final_adapter_equals_the_last_trained_weights(trained, tmp_path, monkey
     # and the subprocess run of the same recipe wrote the same adapter
     from_subprocess = load_file(root / "run" / "adapter_model.safetensors")
     assert all(torch.equal(from_subprocess[k], final[k]) for k in final)
+
+
+def test_two_runs_in_one_process_may_use_different_precisions(trained, tmp_path):
+    """The Python API (a notebook) trains twice: Accelerate's per-process state must not pin the
+    first run's precision (it refuses a second Accelerator with another one)."""
+    from lorafam import api
+
+    root, _, _ = trained
+    precisions = []
+    for name, precision in (("fp32", "no"), ("bf16", "bf16"), ("again", "no")):
+        recipe = write_recipe(tmp_path / f"{name}.yaml", root / "model", root / "train.jsonl", tmp_path / name,
+                              train={"max_steps": 2, "save_every": None, "mixed_precision": precision})
+        precisions.append(api.train(recipe).info["precision"]["mixed_precision"])
+    assert precisions == ["no", "bf16", "no"]
