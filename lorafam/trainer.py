@@ -44,6 +44,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from lorafam.adapters import Variant
+from lorafam.adapters.dropout import keyed, mix
 from lorafam.checkpoint import Checkpoint, checkpoint_name, load_checkpoint, restore_rng, save_checkpoint
 from lorafam.data import PreparedData, check_packing_support, make_collator
 from lorafam.distributed import all_reduce_max, all_reduce_sum, gathered, is_partitioned
@@ -303,12 +304,15 @@ class Session:
     deepspeed: bool = False
     # The adapter's tensors DeepSpeed ZeRO-3 partitioned: gathered whole around the variant's hook.
     partitioned: list[torch.Tensor] = field(default_factory=list)
+    # Adapter dropout keys each row by (this, step, example index): its masks follow the example,
+    # whatever the layout (lorafam.adapters.dropout). A phase has its own.
+    dropout_seed: int = 0
 
-    def batches(self, step: int) -> list[tuple[dict[str, torch.Tensor], int]]:
+    def batches(self, step: int) -> list[tuple[dict[str, torch.Tensor], int, list[int]]]:
         """This process's micro-batches of ``step``, collated and on the device, each with its
-        number of real (unpadded) tokens. A process left without examples (data smaller than one
-        global batch) still takes part in the step's gradient synchronisation, with one example
-        that counts for nothing (tokens -1)."""
+        number of real (unpadded) tokens and its rows' dropout keys. A process left without
+        examples (data smaller than one global batch) still takes part in the step's gradient
+        synchronisation, with one example that counts for nothing (tokens -1)."""
         seed, rank = self.recipe.train.seed, self.accelerator.process_index
         indices = self.layout.micro_batches(len(self.data.train), seed, step, rank)
         placeholder = not indices
@@ -319,7 +323,8 @@ class Session:
         for idx in indices:
             rows = [self.data.train[i] for i in idx]
             tokens = -1 if placeholder else sum(len(r["input_ids"]) for r in rows)
-            out.append(({k: v.to(device) for k, v in self.collate(rows).items()}, tokens))
+            keys = [mix(self.dropout_seed, step, i) for i in idx]
+            out.append(({k: v.to(device) for k, v in self.collate(rows).items()}, tokens, keys))
         return out
 
 
@@ -375,7 +380,7 @@ def set_up(
     return Session(
         recipe, task, accelerator, loss_model, model, variant, optimizer, scheduler, trainable, data,
         make_collator(tokenizer, recipe.model.task), layout, steps, deepspeed,
-        [t for t in variant.live_tensors().values() if is_partitioned(t)],
+        [t for t in variant.live_tensors().values() if is_partitioned(t)], mix(cfg.seed, phase.name),
     )
 
 
@@ -438,17 +443,18 @@ def optimizer_step(s: Session, step: int, skip_nonfinite: bool) -> StepOutcome:
     accelerator, task = s.accelerator, s.task
     micro_batches = s.batches(step)
     # Count first: each micro-batch's backward must already know the whole step's denominator.
-    local_units = sum(task.label_count(b) for b, tokens in micro_batches if tokens >= 0)
+    local_units = sum(task.label_count(b) for b, tokens, _ in micro_batches if tokens >= 0)
     total_units = float(all_reduce_sum(torch.tensor(float(local_units), dtype=torch.float64)))
     # Every process's gradients are averaged by data parallelism, hence the process count.
     weight = accelerator.num_processes / total_units if total_units > 0 else 0.0
 
     loss_sum = torch.zeros((), dtype=torch.float64)
     tokens = 0
-    for i, (batch, batch_tokens) in enumerate(micro_batches):
+    for i, (batch, batch_tokens, keys) in enumerate(micro_batches):
         counts = batch_tokens >= 0
         last = i == len(micro_batches) - 1
-        with gradient_sync(s, last), accelerator.autocast():
+        # Forward and backward under the rows' keys: a recomputation in backward draws the same masks.
+        with gradient_sync(s, last), accelerator.autocast(), keyed(keys, s.recipe.data.max_length):
             out = s.loss_model(**batch)
             objective = out["loss_sum"] * (weight if counts else 0.0)
             if counts:

@@ -1,7 +1,8 @@
 """A step does not depend on its layout, and training runs on several processes.
 
 At a fixed global batch, batch_size x grad_accum x processes may change the trained adapter only by
-float rounding: each optimizer step is the mean over all of its label tokens (lorafam.trainer). The
+float rounding: each optimizer step is the mean over all of its label tokens (lorafam.trainer), and
+adapter dropout draws each example's masks from the example's own key (lorafam.adapters.dropout). The
 data are chat pairs of very different lengths with response-only labels, so micro-batches hold
 different numbers of label tokens (a per-micro-batch mean would weigh them wrongly; see
 test_micro_batches_really_differ_in_label_tokens). Multi-process runs are real: two gloo processes
@@ -43,7 +44,7 @@ def assets(tmp_path_factory):
 
 def recipe(tmp_path: Path, assets, name: str, batch: int, accum: int, variant: str = "lora", **train) -> Path:
     model, data = assets
-    section = adapter_section(variant, dropout=0.0)  # dropout draws differ per layout
+    section = adapter_section(variant)  # dropout on (unless the variant refuses it): its masks follow the example
     settings = {"max_steps": STEPS, "batch_size": batch, "grad_accum": accum, "optimizer": "sgd", "lr": 0.05,
                 "mixed_precision": "no", "save_every": 2, "log_every": 1} | train
     return write_recipe(tmp_path / f"{name}.yaml", model, data, tmp_path / name, adapter=section, train=settings,

@@ -105,12 +105,13 @@ VARIANT_KEYS: dict[str, dict[str, Any]] = {
 
 
 #: The variants whose recipe refuses adapter dropout (test_variants.py checks that exactly these do).
-#: Every other variant runs the tiny runs with dropout on, so a resume must restore the dropout RNG.
+#: Every other variant runs the tiny runs with dropout on, so a resume and another batch layout must give
+#: every example the masks it had (lorafam.adapters.dropout).
 REFUSES_DROPOUT = frozenset({"delta_lora", "glora"})
 
 
 def adapter_section(variant: str, dropout: float = 0.1) -> dict[str, Any]:
-    """r=4 on q_proj/v_proj, with adapter dropout unless the variant refuses it (its RNG must resume)."""
+    """r=4 on q_proj/v_proj, with adapter dropout unless the variant refuses it."""
     section = {"variant": variant, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
     section |= VARIANT_KEYS.get(variant, {})
     section["dropout"] = 0.0 if variant in REFUSES_DROPOUT else dropout

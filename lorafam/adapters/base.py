@@ -25,6 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from lorafam.adapters.dropout import AdapterDropout, salt_dropouts
 from lorafam.distributed import copy_into, full_tensor
 from lorafam.errors import LorafamError
 
@@ -155,7 +156,8 @@ class _BaseOnly(nn.Module):
 
 
 def dropout_module(p: float) -> nn.Module:
-    return nn.Dropout(p) if p > 0 else nn.Identity()
+    """Dropout on an adapter path's input; its masks follow the example (lorafam.adapters.dropout)."""
+    return AdapterDropout(p) if p > 0 else nn.Identity()
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -214,6 +216,7 @@ class Variant:
             parent, attr = _parent_of(model, path)
             base_layer = getattr(parent, attr)
             layer = self.make_layer(base_layer, path)
+            salt_dropouts(layer, path)
             # New modules start in train mode; follow the model's mode so dropout is off in eval.
             layer.train(base_layer.training)
             setattr(parent, attr, layer)

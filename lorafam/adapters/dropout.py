@@ -1,0 +1,92 @@
+"""Adapter dropout whose masks belong to the example, not to the batch layout.
+
+A training step must not depend on its layout (batch_size x grad_accum x processes). ``nn.Dropout``
+draws its masks from the global RNG in the order the rows come, so splitting the same global batch
+into other micro-batches, or over other processes, gives every example other masks and the run
+another adapter. Here each row's mask comes from its own generator, seeded from the row's key and
+the dropout's salt: the trainer keys every training row by (seed, phase, step, example index) for
+the forward and backward pass of its micro-batch (``keyed``), and ``Variant.apply`` salts each
+dropout by its module path. The mask does not depend on how far the batch is padded either (rows
+are padded on the right): on the CPU a row's draws fill its positions in order, so a row padded to
+another length gets the same mask on its real tokens; on other devices the mask is drawn at the
+data's full row length (data.max_length) and cut, because their kernels do not promise that order.
+
+Consequences worth knowing: gradient checkpointing's recomputation draws the same masks again
+without replaying any RNG state, and a resumed run needs none for them. A dropout called twice in
+one forward (weights shared across depth, as in ALBERT) applies the same mask both times. Outside a
+keyed forward (a model called directly, as the PEFT-equality tests do) it is ``nn.Dropout``,
+drawing from the global RNG.
+
+The mask is kept for backward as bool, 1 byte per value, where torch's CPU dropout keeps a float
+noise tensor (4 bytes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def mix(*parts: int | str) -> int:
+    """A 63-bit seed from ``parts``, the same on every machine and process (not Python's ``hash``)."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@dataclass(frozen=True)
+class _Keys:
+    rows: tuple[int, ...]
+    length: int | None  # the data's full row length, for devices that draw at a fixed length
+
+
+_active: _Keys | None = None  # not thread-local: a CUDA backward (and its recomputation) runs on another thread
+
+
+@contextmanager
+def keyed(rows: Sequence[int], length: int | None = None) -> Iterator[None]:
+    """Adapter dropout inside draws row i's mask from ``rows[i]`` (one key per batch row)."""
+    global _active
+    previous, _active = _active, _Keys(tuple(rows), length)
+    try:
+        yield
+    finally:
+        _active = previous
+
+
+class AdapterDropout(nn.Dropout):
+    """``nn.Dropout`` on an adapter path's input, with per-example masks under ``keyed``."""
+
+    def __init__(self, p: float):
+        super().__init__(p)
+        self.salt = 0  # set from the module path by Variant.apply
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keys = _active
+        if not self.training or keys is None or x.dim() < 2 or x.shape[0] != len(keys.rows):
+            return super().forward(x)
+        return x * _masks(tuple(x.shape), x.device, keys, self.salt, self.p) * (1.0 / (1.0 - self.p))
+
+
+@torch.compiler.disable  # per-row generators: a compiled block runs this part eagerly
+def _masks(shape: tuple[int, ...], device: torch.device, keys: _Keys, salt: int, p: float) -> torch.Tensor:
+    drawn = shape[1:]
+    if device.type != "cpu" and keys.length is not None and len(shape) >= 3 and shape[1] <= keys.length:
+        drawn = (keys.length, *shape[2:])
+    mask = torch.empty((shape[0], *drawn), dtype=torch.bool, device=device)
+    for row, key in enumerate(keys.rows):
+        generator = torch.Generator(device=device)
+        generator.manual_seed(mix(key, salt))
+        mask[row].bernoulli_(1.0 - p, generator=generator)
+    return mask[:, : shape[1]] if drawn != shape[1:] else mask
+
+
+def salt_dropouts(layer: nn.Module, path: str) -> None:
+    """Give each adapter dropout inside ``layer`` (at ``path`` in the model) its own salt."""
+    for name, module in layer.named_modules():
+        if isinstance(module, AdapterDropout):
+            module.salt = mix(path, name)
