@@ -352,7 +352,7 @@ def cli_run(tmp_path_factory):
 
     def batches(self, step):
         out = original(self, step)
-        examples = [tuple(ids[mask.bool()].tolist()) for batch, _ in out
+        examples = [tuple(ids[mask.bool()].tolist()) for batch, *_ in out
                     for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
         seen.setdefault(len(self.data.train), []).append(examples)
         return out
