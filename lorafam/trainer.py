@@ -361,7 +361,11 @@ def set_up(
         check_packing_support(model)
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing works with a frozen embedding (no need to force input grads).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers renamed the switch (the old name warns from 5.x on); older 5.x have only that.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile:
         compile_blocks(model)
     optimizer = make_optimizer(variant.param_groups(cfg.lr, cfg.weight_decay), cfg)

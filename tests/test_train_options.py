@@ -3,6 +3,7 @@ changes nothing else."""
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from contextlib import contextmanager
 
@@ -41,15 +42,16 @@ def test_gradient_checkpointing_recomputes_and_changes_nothing_else(tmp_path):
             "max_steps": 3, "grad_accum": 2, "save_every": None, "mixed_precision": "no",
             "gradient_checkpointing": checkpointing, "eval_every": 2,
         })
-        with training_forward_calls() as calls:
+        with training_forward_calls() as calls, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             result = cli("train", recipe)
         assert result.exit_code == 0, result.output
+        # transformers 5 deprecates gradient_checkpointing_enable: the current switch is used.
+        assert not [w for w in caught if "checkpointing_enable" in str(w.message)], [str(w.message) for w in caught]
         losses = [row["loss"] for row in read_metrics(run_dir) if "loss" in row]
         runs[checkpointing] = (calls, losses, load_file(run_dir / "adapter_model.safetensors"))
 
     (plain_calls, plain_losses, plain_adapter), (ckpt_calls, ckpt_losses, ckpt_adapter) = runs[False], runs[True]
-    micro_batches = 3 * 2
-    layers = 2  # tiny_llama_config
     # transformers checkpoints each decoder layer's forward (its own hooks stay outside): what runs
     # again in backward is inside it. The attention (with the adapted q/v_proj) runs twice per
     # micro-batch; so do the adapter layers. Modules outside the layers run once.
