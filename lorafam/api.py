@@ -97,8 +97,8 @@ def train(
     from lorafam.distributed import gathered
     from lorafam.hardware import check_process_count, choose_precision, process_group
     from lorafam.modeling import head_modules, load_model, load_tokenizer
-    from lorafam.quant import check_sharded_storage
-    from lorafam.run import ADAPTER_WEIGHTS, CHECKPOINTS, METRICS, RUN_INFO, adapt, check_output_dir, read_run_info
+    from lorafam.quant import FOUR_BIT, check_sharded_storage, compute_dtype
+    from lorafam.run import ADAPTER_WEIGHTS, CHECKPOINTS, METRICS, RUN_INFO, adapt, check_output_dir, pin_compute_dtype, read_run_info
     from lorafam.run import save_adapter, save_run_files, write_json
     from lorafam.trainer import TrainingStopped, layout_of
     from lorafam.trainer import train as run_training
@@ -129,14 +129,16 @@ def train(
             console.print(f"no complete checkpoint in {run_dir / CHECKPOINTS}; starting from step 0", soft_wrap=True)
     check_installed(spec.train.report_to)
     precision = choose_precision(spec.train.mixed_precision)
-    check_sharded_storage(spec.model, precision.mixed_precision)
+    # A resumed 4-bit run dequantizes as before the interruption, on whichever machine it resumes.
+    model_cfg = pin_compute_dtype(spec, previous).model
+    check_sharded_storage(model_cfg, precision.mixed_precision)
     tokenizer = load_tokenizer(spec.model)
     data = prepare_data(spec.data, tokenizer, spec.model.task, spec.train.seed)
     # Seeded before anything random (a fresh classification head, the adapter's init), so a run
     # is a function of its recipe, also when several run in one process.
     torch.manual_seed(spec.train.seed)
     random.seed(spec.train.seed)
-    model = load_model(spec.model, data.label_names)
+    model = load_model(model_cfg, data.label_names)
     variant = adapt(model, spec, head_modules(model, spec.model.task))
     trainable, total = variant.parameter_counts()
     layout = layout_of(spec, state.num_processes)
@@ -177,6 +179,9 @@ def train(
         "processes": state.num_processes,
         "global_batch": layout.global_batch,
         "precision": precision.as_dict(),
+        # model.compute_dtype: auto as resolved on this machine (a 4-bit base dequantizes to it);
+        # merge, export and eval of the run use it wherever they run (lorafam.run.pin_compute_dtype).
+        "compute_dtype": compute_dtype(model_cfg) if model_cfg.quantization in FOUR_BIT else None,
         "status": "training",
     }
     if checkpoint is not None:

@@ -57,9 +57,10 @@ def write_model_card(folder: str | Path, run: LoadedRun, kind: Kind, **details: 
 def write_run_card(run_dir: str | Path, recipe: Recipe, info: dict[str, Any]) -> Path:
     """The run folder's card, from what `lorafam train` has in hand when it finishes
     (call it after run.json is final)."""
-    from lorafam.run import LoadedRun
+    from lorafam.run import LoadedRun, pin_compute_dtype
 
-    return write_model_card(run_dir, LoadedRun(recipe=recipe, info=info, folder=Path(run_dir)), "adapter")
+    run = LoadedRun(recipe=pin_compute_dtype(recipe, info), info=info, folder=Path(run_dir))
+    return write_model_card(run_dir, run, "adapter")
 
 
 def hub_id(name: str) -> str | None:

@@ -211,7 +211,20 @@ def open_run(folder: str | Path) -> LoadedRun:
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     except json.JSONDecodeError:
         raise LorafamError(f"{info_path} is corrupt; re-run training") from None
-    return LoadedRun(recipe=recipe, info=info, folder=folder)
+    return LoadedRun(recipe=pin_compute_dtype(recipe, info), info=info, folder=folder)
+
+
+def pin_compute_dtype(recipe: Recipe, info: dict[str, Any]) -> Recipe:
+    """The recipe with ``model.compute_dtype: auto`` replaced by the dtype training resolved it to.
+
+    ``auto`` depends on the machine (bf16 where it is native). A run trained in bf16 compute and
+    merged, exported or evaluated on a machine without native bf16 must still dequantize its 4-bit
+    base the way it was trained, and its cards must say so: run.json records the resolved dtype.
+    """
+    resolved = info.get("compute_dtype")
+    if recipe.model.compute_dtype != "auto" or resolved not in ("bfloat16", "float16", "float32"):
+        return recipe
+    return recipe.model_copy(update={"model": recipe.model.model_copy(update={"compute_dtype": resolved})})
 
 
 def adapt(model: torch.nn.Module, recipe: Recipe, heads: list[str], prepared: dict[str, Any] | None = None) -> Variant:

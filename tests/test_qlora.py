@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
+import yaml
 from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -33,6 +35,7 @@ from lorafam.quant import (
 from lorafam.recipe import ModelConfig, TrainConfig, validate_recipe
 from lorafam.run import adapt, open_run, save_adapter, save_run_files
 from lorafam.trainer import train
+from tinyrun import cli, make_model_folder, make_text_data, write_recipe
 
 # Widths are multiples of 32 so bitsandbytes' CPU repacking (the trap below) can run on them.
 TINY = dict(
@@ -127,6 +130,38 @@ def test_auto_compute_dtype_is_bf16_only_where_bf16_is_native(native, monkeypatc
     assert describe(auto) == f"nf4, double quant, {'bfloat16' if native else 'float32'} compute"
     chosen = ModelConfig(name="m", quantization="nf4", compute_dtype="float16")
     assert bnb_config(chosen).bnb_4bit_compute_dtype == torch.float16  # a stated dtype is kept
+
+
+def test_resolved_compute_dtype_is_recorded_and_kept_wherever_the_run_is_opened(tmp_path, monkeypatch):
+    """`compute_dtype: auto` depends on the machine. run.json records what training resolved it to, and
+    a run opened on another machine (merge, eval, export, chat) dequantizes its base the same way
+    and its card says so; recipe.yaml keeps `auto` as written."""
+    import lorafam.hardware
+    from lorafam.merge import load_adapted
+
+    model_dir = make_model_folder(tmp_path / "model")
+    recipe = write_recipe(tmp_path / "r.yaml", model_dir, make_text_data(tmp_path / "data.jsonl"), tmp_path / "run",
+                          train={"max_steps": 2, "save_every": None, "mixed_precision": "no"})
+    raw = yaml.safe_load(recipe.read_text())
+    raw["model"]["quantization"] = "nf4"
+    recipe.write_text(yaml.safe_dump(raw))
+
+    monkeypatch.setattr(lorafam.hardware, "native_bf16", lambda: (True, "the training machine, stated by the test"))
+    result = cli("train", recipe)
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "run"
+    assert json.loads((run_dir / "run.json").read_text())["compute_dtype"] == "bfloat16"
+    assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["model"]["compute_dtype"] == "auto"
+    assert "compute dtype bfloat16" in (run_dir / "README.md").read_text()
+
+    monkeypatch.setattr(lorafam.hardware, "native_bf16", lambda: (False, "the merging machine, stated by the test"))
+    run = open_run(run_dir)
+    assert run.recipe.model.compute_dtype == "bfloat16"
+    adapted, _ = load_adapted(run)
+    q_proj = adapted.model.layers[0].self_attn.q_proj.base_layer
+    assert is_4bit(q_proj) and q_proj.compute_dtype == torch.bfloat16
+    merged = merge_run(run_dir, tmp_path / "merged").path
+    assert "compute dtype bfloat16" in (merged / "README.md").read_text()
 
 
 def test_dequantized_weight_is_close_to_the_original(tiny_dir):
