@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -66,13 +67,19 @@ class AdapterDropout(nn.Dropout):
         self.salt = 0  # set from the module path by Variant.apply
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        keys = _active
-        if not self.training or keys is None or x.dim() < 2 or x.shape[0] != len(keys.rows):
-            return super().forward(x)
-        return x * _masks(tuple(x.shape), x.device, keys, self.salt, self.p) * (1.0 / (1.0 - self.p))
+        return _dropout(x, self.p, self.salt) if self.training else x
 
 
-@torch.compiler.disable  # per-row generators: a compiled block runs this part eagerly
+# Eager inside a compiled block (a graph break): per-row generators do not trace, and the keys,
+# new every micro-batch, stay out of the compiled graph and its guards.
+@torch.compiler.disable
+def _dropout(x: torch.Tensor, p: float, salt: int) -> torch.Tensor:
+    keys = _active
+    if keys is None or x.dim() < 2 or x.shape[0] != len(keys.rows):
+        return F.dropout(x, p, training=True)
+    return x * _masks(tuple(x.shape), x.device, keys, salt, p) * (1.0 / (1.0 - p))
+
+
 def _masks(shape: tuple[int, ...], device: torch.device, keys: _Keys, salt: int, p: float) -> torch.Tensor:
     drawn = shape[1:]
     if device.type != "cpu" and keys.length is not None and len(shape) >= 3 and shape[1] <= keys.length:
