@@ -10,6 +10,8 @@ dropout by its module path. The mask does not depend on how far the batch is pad
 are padded on the right): on the CPU a row's draws fill its positions in order, so a row padded to
 another length gets the same mask on its real tokens; on other devices the mask is drawn at the
 data's full row length (data.max_length) and cut, because their kernels do not promise that order.
+The masks are the same for any layout on one machine; another kind of device (or torch's MKL
+sampler, which it uses on Intel CPUs) draws other, equally random ones from the same seeds.
 
 Consequences worth knowing: gradient checkpointing's recomputation draws the same masks again
 without replaying any RNG state, and a resumed run needs none for them. A dropout called twice in
