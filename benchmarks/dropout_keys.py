@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lorafam.adapters.dropout import keyed  # noqa: E402
-from lorafam.hardware import cpu_flags, native_bf16  # noqa: E402
+from lorafam.hardware import cpu_line  # noqa: E402
 from lorafam.modeling import head_modules, load_model  # noqa: E402
 from lorafam.recipe import load_recipe  # noqa: E402
 from lorafam.run import adapt  # noqa: E402
@@ -65,10 +65,8 @@ def main() -> None:
         for name in ("keyed", "nn.Dropout") if i % 2 == 0 else ("nn.Dropout", "keyed"):
             times[name].append(step(keyed(keys, args.length) if name == "keyed" else nullcontext()))
     ratios = [a / b for a, b in zip(times["keyed"], times["nn.Dropout"])]
-    flags = cpu_flags() or set()
-    shown = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
     print(f"{spec.model.name}, {spec.adapter.variant} dropout {spec.adapter.dropout}, batch {args.batch} x {args.length}, "
-          f"fp32, {torch.get_num_threads()} threads · {shown} · bf16: {native_bf16()[1]}")
+          f"fp32, {torch.get_num_threads()} threads · {cpu_line()}")
     print(f"forward+backward: keyed {statistics.median(times['keyed']):.3f} s, nn.Dropout "
           f"{statistics.median(times['nn.Dropout']):.3f} s (medians of {args.pairs}); keyed / nn.Dropout, paired: "
           f"median {statistics.median(ratios):.3f}, range {min(ratios):.3f}..{max(ratios):.3f}")

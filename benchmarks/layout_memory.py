@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lorafam.hardware import cpu_flags, native_bf16  # noqa: E402
+from lorafam.hardware import cpu_line  # noqa: E402
 
 
 def run(recipe: str, layout: tuple[int, int], steps: int, sets: list[str], out: Path) -> dict:
@@ -85,9 +85,7 @@ def main() -> None:
                 print(f"round {r + 1}: {layout[0]}x{layout[1]} peak RSS {results[layout][-1]['rss'] / 1e9:.2f} GB", flush=True)
 
         reference = layouts[0]
-        flags = cpu_flags() or set()
-        shown = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
-        print(f"\n{args.recipe}, {args.steps} steps, {args.rounds} rounds · {shown} · bf16: {native_bf16()[1]}")
+        print(f"\n{args.recipe}, {args.steps} steps, {args.rounds} rounds · {cpu_line()}")
         ref = f"{reference[0]}x{reference[1]}"
         print(f"| layout | peak RSS (GB), worst round | step time vs {ref}, paired median | "
               f"all steps' time vs {ref} | adapter vs {ref}, rel. | losses vs {ref}, rel. |")

@@ -117,6 +117,14 @@ def native_bf16() -> tuple[bool, str]:
     return False, "the CPU has no AMX or AVX512_BF16, so bf16 would be emulated (slower than fp32)"
 
 
+def cpu_line() -> str:
+    """The CPU facts a speed or memory figure depends on, for benchmark output: the vector and bf16
+    flags, and whether bf16 is native here (``native_bf16``'s reason)."""
+    flags = cpu_flags() or set()
+    shown = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
+    return f"{shown} · bf16: {native_bf16()[1]}"
+
+
 def check_process_count(num_processes: int) -> None:
     """Fail loudly where a launcher asked for several processes but this one trains alone.
 

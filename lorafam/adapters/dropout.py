@@ -16,8 +16,8 @@ sampler, which it uses on Intel CPUs) draws other, equally random ones from the 
 Consequences worth knowing: gradient checkpointing's recomputation draws the same masks again
 without replaying any RNG state, and a resumed run needs none for them. A dropout called twice in
 one forward (weights shared across depth, as in ALBERT) applies the same mask both times. Outside a
-keyed forward (a model called directly, as the PEFT-equality tests do) it is ``nn.Dropout``,
-drawing from the global RNG.
+keyed forward (a model called directly, as the PEFT-equality tests do), or on an input whose first
+dimension is not the batch's rows, it is ``nn.Dropout``, drawing from the global RNG.
 
 The mask is kept for backward as bool, 1 byte per value, where torch's CPU dropout keeps a float
 noise tensor (4 bytes).
