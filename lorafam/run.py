@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 import yaml
@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from lorafam.adapters import Variant, build_variant
 from lorafam.errors import LorafamError
-from lorafam.recipe import Recipe, load_recipe
+from lorafam.recipe import ModelConfig, Recipe, load_recipe
 from lorafam.tasks import get_task
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -222,7 +222,7 @@ def pin_compute_dtype(recipe: Recipe, info: dict[str, Any]) -> Recipe:
     base the way it was trained, and its cards must say so: run.json records the resolved dtype.
     """
     resolved = info.get("compute_dtype")
-    if recipe.model.compute_dtype != "auto" or resolved not in ("bfloat16", "float16", "float32"):
+    if recipe.model.compute_dtype != "auto" or resolved not in get_args(ModelConfig.model_fields["compute_dtype"].annotation):
         return recipe
     return recipe.model_copy(update={"model": recipe.model.model_copy(update={"compute_dtype": resolved})})
 
