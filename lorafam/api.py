@@ -101,8 +101,6 @@ def train(
     built = build(spec, folder.previous, state.num_processes)
     built.announce(console, state.device.type)
     info = built.run_info()
-    if folder.checkpoint is not None:
-        info.resumed_from = [*folder.previous.resumed_from, folder.checkpoint.step]
     folder.start(spec, built.tokenizer, info, overwrite)  # everything is validated: only now is the disk touched
     state.wait_for_everyone()
     with Trackers(spec.train.report_to, folder.path, spec.model_dump(mode="json"), built.precision.mixed_precision) as trackers:
@@ -115,12 +113,16 @@ def train(
             raise
         _finish(built, folder, info, result, trackers)
         state.wait_for_everyone()
+    _say_done(console, built, folder, result)
+    return RunResult(folder.path, info, model=built.model, variant=built.variant, training=result)
+
+
+def _say_done(console: Console, built: Any, folder: RunFolder, result: Any) -> None:
     if result.skipped_steps:
         console.print(f"skipped {result.skipped_steps} of {result.steps} optimizer steps for a non-finite loss (train.on_nan: skip)", soft_wrap=True)
     if report_line(built.data.report):
         console.print(f"data rows left out or cut: {report_line(built.data.report)} (counts in {folder.path / RUN_INFO})", soft_wrap=True)
     console.print(f"saved adapter to {folder.path} ({result.steps} steps in {result.seconds:.0f} s)")
-    return RunResult(folder.path, info, model=built.model, variant=built.variant, training=result)
 
 
 def _outputs(main: bool, console: Console | None, warn: Callable[[str], None] | None) -> tuple[Console, Callable[[str], None]]:
@@ -141,6 +143,35 @@ def fit(built: Any, folder: RunFolder, console: Console, phase: str = "main", da
                     steps=steps, resume=resume, precision=built.precision, on_row=on_row)
 
 
+class PrepareTools:
+    """What ``Variant.prepare`` is handed. Called, it runs a preparatory pass through the one training
+    loop (``fit(dataset, steps, phase)``); ``fitness`` scores the model as it is now on held-out rows
+    (GLoRA's search); ``report_generation`` shows a search's progress."""
+
+    def __init__(self, built: Any, folder: RunFolder, console: Console, on_row: Callable[[dict[str, Any]], None]):
+        self.built, self.folder, self.console, self.on_row = built, folder, console, on_row
+
+    def __call__(self, dataset: Any, steps: int | None, phase: str) -> Any:
+        return fit(self.built, self.folder, self.console, phase=phase, data=dataset, steps=steps, on_row=self.on_row)
+
+    def fitness(self, max_examples: int) -> float:
+        """The task's search fitness (minus the eval loss; a classifier's accuracy) on the first
+        ``max_examples`` eval rows, forward only in fp32, over every process."""
+        from lorafam.distributed import rank, world_size
+        from lorafam.evaluate import evaluate as run_eval
+
+        built, task, cfg = self.built, self.built.recipe.task, self.built.recipe.train
+        if built.data.eval is None:
+            raise LorafamError("adapter.search scores structures on held-out rows: set data.eval, or data.eval_split above 0")
+        rows = built.data.eval.select(range(min(max_examples, len(built.data.eval))))
+        metrics = run_eval(task.loss_module(built.model), task, rows, task.collator(built.tokenizer),
+                           cfg.eval_batch_size or cfg.batch_size, None, nullcontext, rank(), world_size())
+        return task.search_fitness(metrics)
+
+    def report_generation(self, generation: int, total: int, best: float, params: int) -> None:
+        self.console.print(f"search generation {generation}/{total}: best fitness {best:.4f} ({params:,} adapter params)", soft_wrap=True)
+
+
 def _prepare(built: Any, folder: RunFolder, info: RunInfo, console: Console, trackers: Trackers) -> None:
     """The variant's prepare phase (LoRA-drop's probe run), or on resume the structure it decided."""
     variant = built.variant
@@ -148,10 +179,7 @@ def _prepare(built: Any, folder: RunFolder, info: RunInfo, console: Console, tra
         prepared = folder.previous.prepare  # decided before the interruption: rebuild, do not re-decide
         variant.restore(prepared)
     else:
-        def pass_on(dataset: Any, steps: int | None, phase: str) -> Any:
-            return fit(built, folder, console, phase=phase, data=dataset, steps=steps, on_row=trackers.log)
-
-        prepared = variant.prepare(pass_on, built.data.train, built.recipe.train.seed)
+        prepared = variant.prepare(PrepareTools(built, folder, console, trackers.log), built.data.train, built.recipe.train.seed)
     if prepared:
         trainable, total = variant.parameter_counts()
         info.prepare, info.trainable_params = prepared, trainable

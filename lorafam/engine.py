@@ -37,18 +37,24 @@ class Engine:
     accelerator: Accelerator
 
     @classmethod
-    def create(cls, precision: Precision) -> "Engine":
-        """The engine for one training phase, on the CPU when there is no accelerator."""
+    def create(cls, precision: Precision, unused_parameters: bool = False) -> "Engine":
+        """The engine for one training phase, on the CPU when there is no accelerator.
+
+        ``unused_parameters``: a step may leave some trainable parameters without a gradient (they
+        keep none, as on one process), so DDP must look for them instead of waiting.
+        """
         from accelerate.state import AcceleratorState
-        from accelerate.utils import InitProcessGroupKwargs
+        from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
         cpu, backend = process_group()
-        handlers = [InitProcessGroupKwargs(backend=backend)] if backend else None
+        handlers = [InitProcessGroupKwargs(backend=backend)] if backend else []
+        if unused_parameters:
+            handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
         # Accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another
         # precision: a second run in the same process (the Python API, a notebook) starts its own. The
         # process group (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
-        accelerator = Accelerator(mixed_precision=precision.mixed_precision, cpu=cpu, kwargs_handlers=handlers)
+        accelerator = Accelerator(mixed_precision=precision.mixed_precision, cpu=cpu, kwargs_handlers=handlers or None)
         check_process_count(accelerator.num_processes)
         return cls(accelerator)
 

@@ -78,7 +78,9 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; or give epochs.")
+    max_steps: int | None = Field(
+        None, ge=0, description="Optimizer steps; or give epochs. 0: none (e.g. a searched GLoRA subnet kept as the search left it)."
+    )
     epochs: float | None = Field(None, gt=0, description="Passes over the training data (if max_steps unset).")
     batch_size: int = Field(8, ge=1, description="Examples per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")

@@ -160,14 +160,6 @@ def save_adapter(folder: Path, variant: Variant, recipe: Recipe, writes: bool = 
     write_json(folder / ADAPTER_CONFIG, config)
 
 
-def save_run_files(folder: Path, recipe: Recipe, tokenizer: Any, info: dict[str, Any]) -> None:
-    """The files that make a run folder self-describing (recipe, tokenizer, run.json)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    write_text(folder / RECIPE_FILE, recipe.to_yaml())
-    write_json(folder / RUN_INFO, info)
-    tokenizer.save_pretrained(str(folder))
-
-
 def is_run_folder(path: Path) -> bool:
     return path.is_dir() and (path / RECIPE_FILE).is_file()
 
@@ -260,9 +252,11 @@ class RunFolder:
 
     def start(self, recipe: Recipe, tokenizer: Any, info: RunInfo, overwrite: bool) -> None:
         """Clear what a fresh run replaces (or what a resumed one will redo), then write recipe.yaml,
-        the tokenizer and run.json."""
+        the tokenizer and run.json (a resumed run's with the checkpoint it resumed from)."""
         from lorafam.checkpoint import discard_after
 
+        if self.checkpoint is not None:
+            info.resumed_from = [*self.previous.resumed_from, self.checkpoint.step]
         if not self.writes:
             return
         if self.path.exists() and self.checkpoint is None:

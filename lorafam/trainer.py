@@ -559,7 +559,7 @@ def train(
     trackers). Every process runs this function; only the main one writes ``folder``.
     Raises TrainingInterrupted on SIGINT/SIGTERM and TrainingDiverged on a non-finite loss.
     """
-    engine = Engine.create(precision or choose_precision(recipe.train.mixed_precision))
+    engine = Engine.create(precision or choose_precision(recipe.train.mixed_precision), variant.leaves_parameters_unused)
     if not isinstance(folder, RunFolder):
         folder = RunFolder(Path(folder), writes=engine.is_main_process)
     this = MainPass(folder, tokenizer, resume) if phase == "main" else Pass(phase)

@@ -33,7 +33,7 @@ from lorafam.quant import (
     keep_training_layout,
 )
 from lorafam.recipe import ModelConfig, TrainConfig, validate_recipe
-from lorafam.run import adapt, open_run, save_adapter, save_run_files
+from lorafam.run import RunFolder, RunInfo, adapt, open_run
 from lorafam.trainer import train
 from tinyrun import cli, make_model_folder, make_text_data, write_recipe
 
@@ -222,8 +222,9 @@ def test_fp4_and_int8_bases_load_train_and_merge(quantization, layer_type, param
     with torch.no_grad():
         exact = dequantize_model(model, torch.float32)(input_ids=batch["input_ids"]).logits
     run_dir = Path(recipe.output_dir)
-    save_run_files(run_dir, recipe, gpt2_tokenizer, {"label_names": None})
-    save_adapter(run_dir, variant, recipe)
+    folder = RunFolder(run_dir, writes=True)
+    folder.start(recipe, gpt2_tokenizer, RunInfo(), overwrite=False)
+    folder.save_adapter(variant, recipe)
     merged = AutoModelForCausalLM.from_pretrained(merge_run(run_dir, tmp_path / "merged").path)
     assert not hasattr(merged.config, "quantization_config")
     with torch.no_grad():
@@ -410,8 +411,9 @@ def test_supported_variant_trains_on_4bit_base(name, tiny_dir, tmp_path, gpt2_to
         exact = dequantize_model(model, torch.float32)(input_ids=batch["input_ids"]).logits  # W_deq, fp32
         untrained = dequantize_model(load_4bit(tiny_dir), torch.float32)(input_ids=batch["input_ids"]).logits
     run_dir = Path(recipe.output_dir)
-    save_run_files(run_dir, recipe, gpt2_tokenizer, {"label_names": None})
-    save_adapter(run_dir, variant, recipe)
+    folder = RunFolder(run_dir, writes=True)
+    folder.start(recipe, gpt2_tokenizer, RunInfo(), overwrite=False)
+    folder.save_adapter(variant, recipe)
     result = merge_run(run_dir, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(result.path)
     assert not hasattr(merged.config, "quantization_config")
@@ -470,8 +472,9 @@ def trained_4bit_run(tiny_dir: Path, tmp_path: Path, gpt2_tokenizer) -> Path:
         optimizer.step()
         optimizer.zero_grad()
     run_dir = Path(recipe.output_dir)
-    save_run_files(run_dir, recipe, gpt2_tokenizer, {"label_names": None})
-    save_adapter(run_dir, variant, recipe)
+    folder = RunFolder(run_dir, writes=True)
+    folder.start(recipe, gpt2_tokenizer, RunInfo(), overwrite=False)
+    folder.save_adapter(variant, recipe)
     return run_dir
 
 

@@ -187,6 +187,9 @@ class Variant:
     supports_sharding: ClassVar[bool] = True
     #: Why not, when ``supports_sharding`` is False: shown in the error.
     sharding_reason: ClassVar[str] = ""
+    #: True while a step may leave some trainable parameters out of the graph (GLoRA's supernet
+    #: trains one form per tensor per step): data parallelism must then not wait for their gradients.
+    leaves_parameters_unused: ClassVar[bool] = False
 
     def __init__(self, config: AdapterConfig):
         self.config = config

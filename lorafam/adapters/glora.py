@@ -17,14 +17,17 @@ bias, C and E are therefore kept only where a config flag of the architecture gi
 (Llama's ``attention_bias``/``mlp_bias``: merge switches it on); where none does (Qwen2's o_proj and
 MLP), they are left out when the adapter is built, and ``notes()`` says so at train and inspect time.
 
-The paper searches the forms per layer (an evolutionary search over a trained supernet); here the
-recipe states them: ``forms`` for every layer, ``layer_forms`` to override per module-name suffix.
+The recipe states the forms (``forms`` for every layer, ``layer_forms`` per module-name suffix), or,
+with a ``search:`` block, the paper's structure search decides each layer's forms before training:
+a supernet of every form, then an evolutionary search under a parameter budget (glora_search.py).
+The chosen forms are recorded in run.json and the run continues as an ordinary GLoRA adapter.
 Tensor names and shapes are PEFT's (``peft.tuners.glora``), and the adapter is written in PEFT's
 format whenever PEFT computes the same function (see ``GLoRA.peft_compatible``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -32,7 +35,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from lorafam.adapters.base import AdapterConfig, AdapterLayer, Variant
+from lorafam.adapters.base import AdapterConfig, AdapterLayer, Variant, _parent_of
+from lorafam.adapters.glora_search import TENSORS, GLoRASearch, GLoRASuperLayer, draw, evolve, set_active
 from lorafam.errors import LorafamError
 
 FormAB = Literal["lora", "vector", "constant", "none"]
@@ -60,6 +64,10 @@ class GLoRAConfig(AdapterConfig):
         default_factory=dict,
         description="Per-layer overrides: module-name suffix (e.g. 'down_proj' or 'layers.0.mlp.up_proj') -> "
         "forms; unspecified tensors take `forms`. The longest matching suffix wins.",
+    )
+    search: GLoRASearch | None = Field(
+        None, description="Search each layer's forms before training (the paper's supernet + evolution); "
+        "overrides forms and layer_forms. null: the forms as stated.",
     )
 
     @model_validator(mode="before")
@@ -138,23 +146,9 @@ class GLoRALayer(AdapterLayer):
 
     def effective_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(W0 + W0 * A + B, b0 + D * b0 + E + W0 C), in fp32; the bias is None when all of it is absent."""
-        w0 = self.base_weight().float()  # dequantized on the fly on a 4-bit base
-        weight = w0
-        if self.glora_A is not None:
-            weight = weight + w0 * self.glora_A()
-        if self.glora_B is not None:
-            weight = weight + self.glora_B()
-        if not self.makes_bias:
-            return weight, None
-        b0 = self.base_layer.bias
-        bias = torch.zeros(self.out_features, device=w0.device) if b0 is None else b0.float()
-        if self.glora_D is not None:
-            bias = bias + b0.float() * self.glora_D()
-        if self.glora_E is not None:
-            bias = bias + self.glora_E()
-        if self.glora_C is not None:
-            bias = bias + (w0 @ self.glora_C()).squeeze(-1)
-        return weight, bias
+        values = {t: None if (part := getattr(self, f"glora_{t}")) is None else part() for t in TENSORS}
+        # W0 is dequantized on the fly on a 4-bit base.
+        return compose(self.base_weight().float(), self.base_layer.bias, values, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.effective_weight_and_bias()
@@ -177,6 +171,26 @@ class GLoRALayer(AdapterLayer):
         return linear
 
 
+def compose(w0: torch.Tensor, b0: torch.Tensor | None, values: dict[str, torch.Tensor | None], out_features: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """GLoRA's weight and bias from W0, b0 and the support tensors' values (None: absent)."""
+    A, B, C, D, E = (values[t] for t in TENSORS)
+    weight = w0
+    if A is not None:
+        weight = weight + w0 * A
+    if B is not None:
+        weight = weight + B
+    if b0 is None and C is None and E is None:
+        return weight, None
+    bias = torch.zeros(out_features, device=w0.device) if b0 is None else b0.float()
+    if D is not None and b0 is not None:
+        bias = bias + b0.float() * D
+    if E is not None:
+        bias = bias + E
+    if C is not None:
+        bias = bias + (w0 @ C).squeeze(-1)
+    return weight, bias
+
+
 class GLoRA(Variant):
     name = "glora"
     Config = GLoRAConfig
@@ -186,6 +200,18 @@ class GLoRA(Variant):
     supports_quantized_base = True
     #: Layer path -> config flag that gives it a bias (modeling.bias_switches); None: any layer may.
     bias_switches: dict[str, str] | None = None
+    #: Set while the supernet trains: the draws' seed (after_step draws the next step's forms).
+    supernet_seed: int | None = None
+
+    @property
+    def supports_sharding(self) -> bool:  # type: ignore[override]
+        return self.config.search is None
+
+    sharding_reason = "its structure search replaces every adapter layer between the supernet and the run"
+
+    @property
+    def leaves_parameters_unused(self) -> bool:  # type: ignore[override]
+        return self.supernet_seed is not None
 
     def forms_for(self, path: str) -> GLoRAForms:
         matches = [k for k in self.config.layer_forms if path == k or path.endswith("." + k)]
@@ -201,9 +227,72 @@ class GLoRA(Variant):
         return super().apply(model, head_modules)
 
     def make_layer(self, base_layer: nn.Linear, path: str) -> GLoRALayer:
+        return GLoRALayer(base_layer, self.forms_for(path), self.config.r, self._can_add_bias(path))
+
+    # ----------------------------------------------------------------------------------------------
+    # The structure search (adapter.search): supernet, evolution, the chosen subnet
+    def prepare(self, fit: Callable[..., Any], train_data: Any, seed: int) -> dict[str, Any]:
+        """Train the supernet for ``search.supernet_steps``, search, and rebuild every layer in the
+        forms found (from the supernet's weights unless ``search.inherit`` is false)."""
+        search = self.config.search
+        if search is None:
+            return {}
+        supernet = {path: GLoRASuperLayer(layer.base_layer, self.config.r, self._can_add_bias(path)) for path, layer in self.layers.items()}
+        for path, layer in supernet.items():
+            self._swap(path, layer)
+        self.supernet_seed = seed
+        set_active(list(supernet.values()), draw(list(supernet.values()), seed, 1))
+        fit(train_data, search.supernet_steps, "glora_supernet")
+        layers = list(supernet.values())
+
+        def fitness(candidate: tuple) -> float:
+            set_active(layers, candidate)
+            return fit.fitness(search.eval_examples)
+
+        best, history = evolve(layers, search, seed, fitness, fit.report_generation)
+        self.supernet_seed = None
+        forms = {path: dict(zip(TENSORS, f)) for path, f in zip(supernet, best)}
+        self._build_subnet(forms, supernet if search.inherit else None)
+        return {"forms": forms, "fitness": history[-1]["best_fitness"], "params": history[-1]["best_params"],
+                "generations": history, "supernet_steps": search.supernet_steps, "seed": seed}
+
+    def restore(self, prepared: dict[str, Any]) -> None:
+        if "forms" in prepared:
+            self._build_subnet(prepared["forms"], None)
+
+    def after_step(self, step: int, total_steps: int) -> dict[str, float]:
+        if self.supernet_seed is not None:  # the next supernet step's forms
+            layers = list(self.layers.values())
+            set_active(layers, draw(layers, self.supernet_seed, step + 1))
+        return {}
+
+    def _build_subnet(self, forms: dict[str, dict[str, str]], supernet: dict[str, GLoRASuperLayer] | None) -> None:
+        """Every layer as a plain GLoRA layer in its searched forms (``layer_forms`` by full path, so
+        the adapter config says so), from the supernet's weights when given."""
+        if set(forms) != set(self.layers):
+            differ = sorted(set(forms) ^ set(self.layers))
+            raise LorafamError(f"run.json's glora search names other layers than this recipe adapts ({differ[:3]})")
+        self.config = self.config.model_copy(update={"layer_forms": {p: GLoRAForms(**f) for p, f in forms.items()}})
+        for path, old in list(self.layers.items()):
+            layer = GLoRALayer(old.base_layer, self.config.layer_forms[path], self.config.r, self._can_add_bias(path))
+            if supernet is not None:
+                with torch.no_grad():
+                    for t in TENSORS:
+                        part = getattr(layer, f"glora_{t}")
+                        if part is not None:
+                            for name, value in supernet[path].support[t].subnet_state(getattr(layer.forms, t)).items():
+                                getattr(part, name).copy_(value)
+            self._swap(path, layer)
+
+    def _swap(self, path: str, layer: AdapterLayer) -> None:
+        parent, attr = _parent_of(self.model, path)
+        layer.train(self.layers[path].training)
+        setattr(parent, attr, layer)
+        self.layers[path] = layer
+
+    def _can_add_bias(self, path: str) -> bool:
         # None: no transformers config will be read back, so any layer may take a new bias.
-        can_add_bias = self.bias_switches is None or path in self.bias_switches
-        return GLoRALayer(base_layer, self.forms_for(path), self.config.r, can_add_bias)
+        return self.bias_switches is None or path in self.bias_switches
 
     def notes(self) -> list[str]:
         """Where the bias terms C, E are off (no config flag can give the layer a bias), and which

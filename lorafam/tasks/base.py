@@ -174,6 +174,10 @@ class Task:
         positions are never used)."""
         return logits[batch["attention_mask"].bool()] if self.token_labels else logits
 
+    def search_fitness(self, metrics: dict[str, float]) -> float:
+        """How good a structure is, higher better (GLoRA's search): minus the eval loss."""
+        return -metrics["loss"]
+
     #: The metrics printed after an eval, in this order (``metrics`` may hold more).
     shown_metrics: ClassVar[tuple[str, ...]] = ("loss",)
 

@@ -60,6 +60,9 @@ class SequenceClassification(Task):
     def label_count(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["labels"].numel())
 
+    def search_fitness(self, metrics: dict[str, float]) -> float:
+        return metrics["accuracy"]  # the paper's
+
     def metrics(self, loss_sum: float, count: int, correct: int) -> dict[str, float]:
         out = super().metrics(loss_sum, count, correct)
         if count:
