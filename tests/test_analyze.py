@@ -211,7 +211,7 @@ def test_start_weight_and_update_add_up_to_the_merged_weight_for_every_variant(n
 def test_the_registry_queries_name_variants_without_a_list_of_names():
     with_factors = variants_with_factors()
     assert "lora" in with_factors and "glora" not in with_factors
-    assert set(variants_with_artifacts()) == {"adalora", "lora_drop"}
+    assert set(variants_with_artifacts()) == {"adalora", "glora", "lora_drop"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -386,7 +386,7 @@ def test_ranks_draw_what_adalora_and_lora_drop_decided(runs, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["ranks", "{lora}"], "nothing to draw; analyze ranks shows those of adalora, lora_drop runs"),
+        (["ranks", "{lora}"], "nothing to draw; analyze ranks shows those of glora, adalora, lora_drop runs"),
         (["subspace", "{lora}", "{glora}"], "whose layers have no low-rank A, B pair"),
         (["subspace", "{lora}", "--matrix", "C"], "--matrix 'C': choose A (input side) or B (output side)"),
         (["amplification", "{lora}", "--module", "k_proj"], "--module k_proj matches no adapted layer"),

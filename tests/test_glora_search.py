@@ -242,3 +242,15 @@ def test_the_subnet_can_be_kept_as_the_search_left_it(tmp_path, assets):
     assert -info["eval_after"]["loss"] == pytest.approx(info["prepare"]["fitness"], rel=1e-6)
     merged = cli("merge", tmp_path / "kept", "--output", tmp_path / "merged")
     assert merged.exit_code == 0, merged.output
+
+
+def test_analyze_ranks_draws_the_searched_structure_and_inspect_lists_it(tmp_path, assets):
+    run = trained(search_recipe(tmp_path, assets, "drawn"))
+    assert (run / "glora_structure.png").is_file()  # written with the run
+    drawn = cli("analyze", "ranks", run, "--output", tmp_path / "pictures")
+    assert drawn.exit_code == 0, drawn.output + drawn.stderr
+    assert (tmp_path / "pictures" / "glora_structure.png").stat().st_size > 1000
+    shown = cli("inspect", run)
+    forms = json.loads((run / "run.json").read_text())["prepare"]["forms"]
+    for path, f in forms.items():  # one line per layer: its five forms, then its path
+        assert any(line.split() == [*(f[t] for t in TENSORS), path] for line in shown.output.splitlines()), path

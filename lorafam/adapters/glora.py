@@ -28,6 +28,7 @@ format whenever PEFT computes the same function (see ``GLoRA.peft_compatible``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from lorafam.adapters.base import AdapterConfig, AdapterLayer, Variant, _parent_of
+from lorafam.adapters.base import AdapterConfig, AdapterLayer, Variant, _parent_of, grid_positions
 from lorafam.adapters.glora_search import TENSORS, GLoRASearch, GLoRASuperLayer, draw, evolve, set_active
 from lorafam.errors import LorafamError
 
@@ -202,6 +203,8 @@ class GLoRA(Variant):
     bias_switches: dict[str, str] | None = None
     #: Set while the supernet trains: the draws' seed (after_step draws the next step's forms).
     supernet_seed: int | None = None
+    #: What the search decided (run.json's ``prepare``); empty without a search.
+    searched: dict[str, Any] = {}
 
     @property
     def supports_sharding(self) -> bool:  # type: ignore[override]
@@ -253,12 +256,47 @@ class GLoRA(Variant):
         self.supernet_seed = None
         forms = {path: dict(zip(TENSORS, f)) for path, f in zip(supernet, best)}
         self._build_subnet(forms, supernet if search.inherit else None)
-        return {"forms": forms, "fitness": history[-1]["best_fitness"], "params": history[-1]["best_params"],
-                "generations": history, "supernet_steps": search.supernet_steps, "seed": seed}
+        self.searched = {"forms": forms, "fitness": history[-1]["best_fitness"], "params": history[-1]["best_params"],
+                         "generations": history, "supernet_steps": search.supernet_steps, "seed": seed}
+        return self.searched
 
     def restore(self, prepared: dict[str, Any]) -> None:
         if "forms" in prepared:
             self._build_subnet(prepared["forms"], None)
+            self.searched = dict(prepared)
+
+    def report(self) -> list[str]:
+        if not self.searched:
+            return []
+        rec = self.searched
+        lines = [f"GLoRA search: {len(rec['generations'])} generations after {rec['supernet_steps']} supernet steps; "
+                 f"best fitness {rec['fitness']:.4f} with {rec['params']:,} adapter params", "forms (A B C D E) per layer:"]
+        return lines + [f"  {' '.join(f'{forms[t]:<8}' for t in TENSORS)} {path}" for path, forms in rec["forms"].items()]
+
+    def write_artifacts(self, folder: Path) -> list[Path]:
+        """glora_structure.png: each layer's searched form of A..E, and the best fitness per generation."""
+        if not self.searched:
+            return []
+        from lorafam.plots import grid_heatmap, new_figure, save_png
+
+        rec, order = self.searched, ("none", "constant", "vector", "lora")
+        where = grid_positions(list(rec["forms"]))
+        rows = [f"{layer} {module}" for layer, module in where.values()]
+        cells = {(f"{where[p][0]} {where[p][1]}", t): float(order.index(f[t])) for p, f in rec["forms"].items() for t in TENSORS}
+        fig = new_figure(7.5, max(3.0, 1.4 + 0.25 * len(rows)))
+        ax, curve = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+        grid_heatmap(ax, rows, list(TENSORS), cells, fmt="", cmap="viridis", vmin=0, vmax=len(order) - 1)
+        for i, row in enumerate(rows):
+            for j, t in enumerate(TENSORS):
+                code = int(cells[(row, t)])  # dark text on the light end of the colour map
+                ax.text(j, i, order[code], ha="center", va="center", color="k" if code == len(order) - 1 else "w", fontsize=6)
+        ax.set_title(f"searched forms ({rec['params']:,} params)", fontsize=9)
+        generations = [g["generation"] for g in rec["generations"]]
+        curve.plot(generations, [g["best_fitness"] for g in rec["generations"]], marker="o")
+        curve.set_xlabel("generation")
+        curve.xaxis.get_major_locator().set_params(integer=True)
+        curve.set_ylabel("best fitness")
+        return [save_png(fig, Path(folder) / "glora_structure.png")]
 
     def after_step(self, step: int, total_steps: int) -> dict[str, float]:
         if self.supernet_seed is not None:  # the next supernet step's forms
