@@ -146,10 +146,14 @@ def fit(built: Any, folder: RunFolder, console: Console, phase: str = "main", da
 class PrepareTools:
     """What ``Variant.prepare`` is handed. Called, it runs a preparatory pass through the one training
     loop (``fit(dataset, steps, phase)``); ``fitness`` scores the model as it is now on held-out rows
-    (GLoRA's search); ``report_generation`` shows a search's progress."""
+    (GLoRA's search); ``report_generation`` shows a search's progress; ``save_state`` /
+    ``load_state`` and ``save_tensors`` / ``load_tensors`` keep its progress in the run folder so a
+    resumed run goes on from it (lorafam.run.RunFolder)."""
 
     def __init__(self, built: Any, folder: RunFolder, console: Console, on_row: Callable[[dict[str, Any]], None]):
         self.built, self.folder, self.console, self.on_row = built, folder, console, on_row
+        self.save_state, self.load_state = folder.save_state, folder.load_state
+        self.save_tensors, self.load_tensors = folder.save_prepared_tensors, folder.load_prepared_tensors
 
     def __call__(self, dataset: Any, steps: int | None, phase: str) -> Any:
         return fit(self.built, self.folder, self.console, phase=phase, data=dataset, steps=steps, on_row=self.on_row)

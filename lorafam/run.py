@@ -46,6 +46,7 @@ RECIPE_FILE = "recipe.yaml"
 RUN_INFO = "run.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
+PREPARE_STATE = "prepare"  # what a variant's prepare phase saved to go on after a kill (GLoRA's search)
 
 
 class RunInfo(BaseModel):
@@ -229,7 +230,7 @@ class RunFolder:
     def __init__(self, path: Path, writes: bool, previous: RunInfo | None = None, checkpoint: Any = None):
         self.path = path
         self.writes = writes
-        self.previous = previous  # run.json of the run being resumed
+        self.previous = previous  # run.json of the run being resumed (None: a fresh run)
         self.checkpoint = checkpoint  # lorafam.checkpoint.Checkpoint it resumes from, or None
 
     @classmethod
@@ -262,10 +263,13 @@ class RunFolder:
         if self.path.exists() and self.checkpoint is None:
             if overwrite:
                 shutil.rmtree(self.path)
-            else:  # a fresh run of the same recipe: clear the old run's outputs
+            elif self.previous is None:  # a fresh run of the same recipe: clear the old run's outputs
                 for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, METRICS):
                     (self.path / name).unlink(missing_ok=True)
-                shutil.rmtree(self.path / CHECKPOINTS, ignore_errors=True)
+                for folder in (CHECKPOINTS, PREPARE_STATE):
+                    shutil.rmtree(self.path / folder, ignore_errors=True)
+            # Resumed before its first checkpoint: what the prepare phase saved, and its metrics rows,
+            # stay for it to go on from (the passes drop the rows they log again).
         if self.checkpoint is not None:
             discard_after(self.path, self.checkpoint.step)
         self.path.mkdir(parents=True, exist_ok=True)
@@ -298,16 +302,33 @@ class RunFolder:
 
         return save_checkpoint(self.path, step, variant, optimizer, scheduler, state, keep_last, model=model, writes=self.writes)
 
+    def save_state(self, name: str, state: dict[str, Any]) -> None:
+        """A prepare phase's progress (JSON) under prepare/, read back by ``load_state`` on resume."""
+        if self.writes:
+            write_json(self.path / PREPARE_STATE / f"{name}.json", state)
+
+    def load_state(self, name: str) -> dict[str, Any] | None:
+        path = self.path / PREPARE_STATE / f"{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def save_prepared_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        if self.writes:
+            save_tensors(self.path / PREPARE_STATE / f"{name}.safetensors", tensors)
+
+    def load_prepared_tensors(self, name: str) -> dict[str, torch.Tensor] | None:
+        path = self.path / PREPARE_STATE / f"{name}.safetensors"
+        return load_tensors(path) if path.is_file() else None
+
     @contextmanager
-    def metrics(self, on_row: Callable[[dict[str, Any]], None] | None = None, keep_through: int | None = None) -> Iterator["MetricsLog"]:
+    def metrics(self, on_row: Callable[[dict[str, Any]], None] | None = None,
+                kept: Callable[[dict[str, Any]], bool] | None = None) -> Iterator["MetricsLog"]:
         """metrics.jsonl opened for appending (closed on every path out); every row also goes to
-        ``on_row``. ``keep_through``: main-phase rows past that step are dropped first (a resumed run
-        logs them again)."""
+        ``on_row``. ``kept``: which rows already there stay (a resumed pass drops those it logs again)."""
         if not self.writes:
             yield MetricsLog(None, on_row)
             return
-        if keep_through is not None:
-            truncate_metrics(self.path / METRICS, keep_through)
+        if kept is not None:
+            filter_metrics(self.path / METRICS, kept)
         self.path.mkdir(parents=True, exist_ok=True)
         with (self.path / METRICS).open("a") as handle:
             yield MetricsLog(handle, on_row)
@@ -330,19 +351,19 @@ def write_metrics(handle: Any, row: dict[str, Any]) -> None:
     handle.flush()
 
 
-def truncate_metrics(path: Path, through_step: int) -> None:
-    """Drop main-phase rows after ``through_step`` (and a half-written last line); keep phase rows."""
+def filter_metrics(path: Path, kept: Callable[[dict[str, Any]], bool]) -> None:
+    """Keep the rows ``kept`` says to (and drop a half-written last line)."""
     if not path.is_file():
         return
-    kept = []
+    lines = []
     for line in path.read_text().splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue  # cut short by a kill mid-write
-        if "phase" in row or row.get("step", 0) <= through_step:
-            kept.append(line + "\n")
-    write_text(path, "".join(kept))
+        if kept(row):
+            lines.append(line + "\n")
+    write_text(path, "".join(lines))
 
 
 def read_metrics(folder: Path) -> list[dict[str, Any]]:

@@ -231,9 +231,10 @@ class Pass:
         """The result to fill and the first step to take."""
         return TrainResult(steps=s.steps, eval_before=None, eval_after=None), 1
 
-    def keep_metrics_through(self) -> int | None:
-        """Main-phase rows of metrics.jsonl kept from before (None: keep the file as it is)."""
-        return None
+    def keeps_row(self, row: dict[str, Any]) -> bool:
+        """Which rows of metrics.jsonl from before stay: all but this pass's own (a pass run again
+        after a kill logs them again)."""
+        return row.get("phase") != self.name
 
     def evaluate(self, s: "Session") -> dict[str, float] | None:
         return None
@@ -307,9 +308,9 @@ class MainPass(Pass):
         restore_rng(resume)  # last, so nothing between here and the first step draws from it
         return result, resume.step + 1
 
-    def keep_metrics_through(self) -> int | None:
-        # Rows past the checkpoint were logged by steps the resumed run takes again.
-        return self.resume.step if self.resume is not None else 0
+    def keeps_row(self, row: dict[str, Any]) -> bool:
+        # Every preparatory pass's rows; main rows up to the checkpoint (the steps after it are taken again).
+        return "phase" in row or row.get("step", 0) <= (self.resume.step if self.resume is not None else 0)
 
     def evaluate(self, s: "Session") -> dict[str, float] | None:
         if s.data.eval is None:
@@ -579,7 +580,7 @@ def fit(s: Session, this: Pass, folder: RunFolder, console: Console, on_row: Any
     progress = make_progress(console, steps)
     task_id = progress.add_task("train", total=steps, completed=first_step - 1, loss=float("nan"), lr=cfg.lr, tps=0.0)
     start, window_tokens, window_steps, window_start = time.perf_counter(), 0, 0, time.perf_counter()
-    with folder.metrics(on_row, this.keep_metrics_through()) as metrics, progress, this.stop_requests():
+    with folder.metrics(on_row, this.keeps_row) as metrics, progress, this.stop_requests():
         for step in range(first_step, steps + 1):
             outcome = optimizer_step(s, step, skip_nonfinite=cfg.on_nan == "skip")
             if outcome.nonfinite and cfg.on_nan == "stop":

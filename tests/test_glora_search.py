@@ -135,6 +135,18 @@ class FakeTools:
     def report_generation(self, *args):
         pass
 
+    def load_tensors(self, name):
+        return None
+
+    def load_state(self, name):
+        return None
+
+    def save_tensors(self, name, tensors):
+        pass
+
+    def save_state(self, name, state):
+        pass
+
 
 def test_a_candidates_fitness_equals_the_eval_of_that_subnet_built_directly(tiny_llama):
     torch.manual_seed(1)
@@ -254,3 +266,47 @@ def test_analyze_ranks_draws_the_searched_structure_and_inspect_lists_it(tmp_pat
     forms = json.loads((run / "run.json").read_text())["prepare"]["forms"]
     for path, f in forms.items():  # one line per layer: its five forms, then its path
         assert any(line.split() == [*(f[t] for t in TENSORS), path] for line in shown.output.splitlines()), path
+
+
+class Killed(Exception):
+    """Stands for a SIGKILL: the run stops where it is, nothing more is written."""
+
+
+@pytest.mark.parametrize("where", ["supernet", "search"])
+def test_a_run_killed_in_its_supernet_or_search_resumes_to_the_same_structure_and_adapter(where, tmp_path, assets, monkeypatch):
+    import lorafam.api as api_module
+    import lorafam.run as run_folder
+    from lorafam import api
+
+    reference = trained(search_recipe(tmp_path, assets, "reference"))
+    path = search_recipe(tmp_path, assets, "run")
+    if where == "supernet":  # after the supernet's third step is logged
+        write = run_folder.write_metrics
+
+        def write_then_die(handle, row):
+            write(handle, row)
+            if row.get("phase") == "glora_supernet" and row["step"] == 3:
+                raise Killed
+
+        monkeypatch.setattr(run_folder, "write_metrics", write_then_die)
+    else:  # as generation 2 is reported: generation 1's state is saved, 2's children are not
+        def die(self, generation, *args):
+            if generation == 2:
+                raise Killed
+
+        monkeypatch.setattr(api_module.PrepareTools, "report_generation", die)
+    with pytest.raises(Killed):
+        api.train(path)
+    monkeypatch.undo()
+    resumed = cli("train", path, "--resume")
+    assert resumed.exit_code == 0, resumed.output + resumed.stderr
+    run = tmp_path / "run"
+    if where == "search":  # the supernet is not trained again, the search goes on from generation 2
+        assert "glora_supernet step" not in resumed.output and "search generation 1/" not in resumed.output
+        assert "search generation 2/3" in resumed.output
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("phase") == "glora_supernet"] == list(range(1, SEARCH["supernet_steps"] + 1))
+    expected = json.loads((reference / "run.json").read_text())["prepare"]
+    assert json.loads((run / "run.json").read_text())["prepare"] == expected  # forms, fitness, every generation
+    a, b = load_file(reference / ADAPTER_WEIGHTS), load_file(run / ADAPTER_WEIGHTS)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -192,6 +192,9 @@ def compose(w0: torch.Tensor, b0: torch.Tensor | None, values: dict[str, torch.T
     return weight, bias
 
 
+SUPERNET, SEARCH_STATE = "glora_supernet", "glora_search"  # the supernet pass's name, and prepare/ files
+
+
 class GLoRA(Variant):
     name = "glora"
     Config = GLoRAConfig
@@ -243,17 +246,24 @@ class GLoRA(Variant):
         supernet = {path: GLoRASuperLayer(layer.base_layer, self.config.r, self._can_add_bias(path)) for path, layer in self.layers.items()}
         for path, layer in supernet.items():
             self._swap(path, layer)
-        self.supernet_seed = seed
-        set_active(list(supernet.values()), draw(list(supernet.values()), seed, 1))
-        fit(train_data, search.supernet_steps, "glora_supernet")
         layers = list(supernet.values())
+        trained = fit.load_tensors(SUPERNET)  # a resumed run: the supernet finished before the kill
+        if trained is None:
+            self.supernet_seed = seed
+            set_active(layers, draw(layers, seed, 1))
+            fit(train_data, search.supernet_steps, SUPERNET)
+            self.supernet_seed = None
+            fit.save_tensors(SUPERNET, {f"{p}.{k}": v for p, layer in supernet.items() for k, v in layer.support.state_dict().items()})
+        else:
+            for path, layer in supernet.items():
+                layer.support.load_state_dict({k.removeprefix(f"{path}."): v for k, v in trained.items() if k.startswith(f"{path}.")})
 
         def fitness(candidate: tuple) -> float:
             set_active(layers, candidate)
             return fit.fitness(search.eval_examples)
 
-        best, history = evolve(layers, search, seed, fitness, fit.report_generation)
-        self.supernet_seed = None
+        best, history = evolve(layers, search, seed, fitness, fit.report_generation, fit.load_state(SEARCH_STATE),
+                               lambda state: fit.save_state(SEARCH_STATE, state))
         forms = {path: dict(zip(TENSORS, f)) for path, f in zip(supernet, best)}
         self._build_subnet(forms, supernet if search.inherit else None)
         self.searched = {"forms": forms, "fitness": history[-1]["best_fitness"], "params": history[-1]["best_params"],

@@ -161,8 +161,14 @@ def candidate_parameters(layers: Sequence[GLoRASuperLayer], candidate: Candidate
 def evolve(
     layers: Sequence[GLoRASuperLayer], cfg: GLoRASearch, seed: int, fitness: Callable[[Candidate], float],
     on_generation: Callable[[int, int, float, int], None] = lambda generation, total, best, params: None,
+    saved: dict[str, Any] | None = None, save: Callable[[dict[str, Any]], None] = lambda state: None,
 ) -> tuple[Candidate, list[dict[str, Any]]]:
-    """The fittest candidate within the budget, and each generation's best (fitness, parameters)."""
+    """The fittest candidate within the budget, and each generation's best (fitness, parameters).
+
+    After each generation the whole search state (every score, the parents, the next population, the
+    generator) goes to ``save``; given back as ``saved``, the search goes on from the next generation
+    and ends where an uninterrupted one would.
+    """
     rng = random.Random(mix(seed, "glora-evolution"))
     scores: dict[Candidate, float] = {}
 
@@ -189,14 +195,22 @@ def evolve(
     def random_candidate() -> Candidate:
         return tuple(tuple(rng.choice(c) for c in layer.choices.values()) for layer in layers)
 
-    population = fill([], cfg.population, random_candidate)
-    if not population:
-        raise LorafamError(
-            f"adapter.search.max_params: {cfg.max_params} admits no structure that was tried (the smallest "
-            "non-empty one has 1 parameter); raise it or set it to null"
-        )
-    history, top = [], []
-    for generation in range(1, cfg.generations + 1):
+    if saved is not None:
+        first = saved["generation"] + 1
+        scores = {_candidate(c): score for c, score in saved["scores"]}
+        top, population = [_candidate(c) for c in saved["top"]], [_candidate(c) for c in saved["population"]]
+        history = list(saved["history"])
+        version, internal, gauss = saved["rng"]
+        rng.setstate((version, tuple(internal), gauss))
+    else:
+        first, history, top = 1, [], []
+        population = fill([], cfg.population, random_candidate)
+        if not population:
+            raise LorafamError(
+                f"adapter.search.max_params: {cfg.max_params} admits no structure that was tried (the smallest "
+                "non-empty one has 1 parameter); raise it or set it to null"
+            )
+    for generation in range(first, cfg.generations + 1):
         # Ties broken by the candidate itself: every process must pick the same (set order is per process).
         top = sorted(dict.fromkeys(top + population), key=lambda c: (-scores[c], c))[: cfg.select]
         best = top[0]
@@ -218,4 +232,12 @@ def evolve(
 
         children = fill([], cfg.mutation, mutated) + fill([], cfg.crossover, crossed)
         population = fill(children, cfg.population, random_candidate)
+        version, internal, gauss = rng.getstate()
+        save({"generation": generation, "scores": [[c, score] for c, score in scores.items()], "top": top,
+              "population": population, "history": history, "rng": [version, list(internal), gauss]})
     return top[0], history
+
+
+def _candidate(value: Any) -> Candidate:
+    """A candidate read back from JSON (lists) as the tuples the search keys by."""
+    return tuple(tuple(forms) for forms in value)
