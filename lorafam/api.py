@@ -154,6 +154,7 @@ class PrepareTools:
         self.built, self.folder, self.console, self.on_row = built, folder, console, on_row
         self.save_state, self.load_state = folder.save_state, folder.load_state
         self.save_tensors, self.load_tensors = folder.save_prepared_tensors, folder.load_prepared_tensors
+        self.progress: Any = None
 
     def __call__(self, dataset: Any, steps: int | None, phase: str) -> Any:
         return fit(self.built, self.folder, self.console, phase=phase, data=dataset, steps=steps, on_row=self.on_row)
@@ -173,7 +174,23 @@ class PrepareTools:
         return task.search_fitness(metrics)
 
     def report_generation(self, generation: int, total: int, best: float, params: int) -> None:
-        self.console.print(f"search generation {generation}/{total}: best fitness {best:.4f} ({params:,} adapter params)", soft_wrap=True)
+        """A progress bar of the generations with the best fitness so far (a line each off a terminal)."""
+        if not self.console.is_terminal:
+            self.console.print(f"search generation {generation}/{total}: best fitness {best:.4f} ({params:,} adapter params)", soft_wrap=True)
+            return
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        if self.progress is None:
+            self.progress = Progress(
+                TextColumn("search generation {task.completed}/{task.total}"), BarColumn(),
+                TextColumn("best fitness {task.fields[best]:.4f} ({task.fields[params]:,} adapter params)"),
+                TimeElapsedColumn(), console=self.console,
+            )
+            self.progress.add_task("search", total=total, completed=generation - 1, best=best, params=params)
+            self.progress.start()
+        self.progress.update(0, completed=generation, best=best, params=params)
+        if generation == total:
+            self.progress.stop()
 
 
 def _prepare(built: Any, folder: RunFolder, info: RunInfo, console: Console, trackers: Trackers) -> None:
