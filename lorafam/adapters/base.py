@@ -54,6 +54,10 @@ class AdapterConfig(BaseModel):
         "head of a sequence-classification model is added automatically.",
     )
 
+    def check_recipe(self, recipe: Any) -> None:
+        """Checks of this section against the rest of the recipe (e.g. AdaLoRA's schedule against
+        train.max_steps), run when the recipe loads; raise ValueError. Default: none."""
+
 
 class AdapterLayer(nn.Module):
     """Wraps a frozen base ``nn.Linear``; subclasses add the trainable update.
@@ -187,6 +191,12 @@ class Variant:
     supports_sharding: ClassVar[bool] = True
     #: Why not, when ``supports_sharding`` is False: shown in the error.
     sharding_reason: ClassVar[str] = ""
+    #: True where every layer's ``low_rank_factors`` returns the pair it trains, so
+    #: `lorafam analyze subspace` can compare two runs of it.
+    has_low_rank_factors: ClassVar[bool] = False
+    #: True where training decides ranks or layers and ``write_artifacts`` draws them
+    #: (`lorafam analyze ranks`).
+    draws_artifacts: ClassVar[bool] = False
     #: Attribute of the model root holding the one module shared by all layers (VeRA's
     #: projections, LoRA-drop's shared pairs), or None; see ``set_shared_module``.
     shared_attr: ClassVar[str | None] = None

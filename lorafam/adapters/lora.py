@@ -142,6 +142,7 @@ class LoRA(Variant):
     Config = LoRAConfig
     paper = "Hu et al., LoRA: Low-Rank Adaptation of Large Language Models (arXiv:2106.09685)"
     peft_type = "LORA"
+    has_low_rank_factors = True
     #: The layer ``make_layer`` builds; a subclass that changes only which pair a layer uses
     #: (LoRA-drop) sets its own.
     layer_class: ClassVar[type[LoRALayer]] = LoRALayer

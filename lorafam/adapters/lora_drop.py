@@ -142,6 +142,7 @@ class LoRADrop(LoRA):
     peft_type = None
     supports_sharding = False
     sharding_reason = "it replaces its adapter pairs after the probe run, once the model would already be sharded"
+    draws_artifacts = True
     shared_attr = SHARED_ATTR
     layer_class = LoRADropLayer
 

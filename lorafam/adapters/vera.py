@@ -111,6 +111,7 @@ class VeRA(Variant):
     Config = VeRAConfig
     paper = "Kopiczko et al., VeRA: Vector-based Random Matrix Adaptation (arXiv:2310.11454)"
     peft_type = "VERA"
+    has_low_rank_factors = True
     shared_attr = PROJECTIONS_ATTR
 
     def make_layer(self, base_layer: nn.Linear, path: str) -> VeRALayer:
