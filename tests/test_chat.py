@@ -19,7 +19,7 @@ from lorafam.adapters import VARIANTS, AdapterLayer
 from lorafam.cli import app
 from lorafam.recipe import validate_recipe
 from lorafam.run import adapt
-from tinyrun import adapter_section, cli, cli_env, make_model_folder, make_text_data, one_thread, write_recipe  # noqa: F401
+from tinyrun import adapter_section, cli, cli_env, make_model_folder, make_text_data, write_recipe
 
 PROMPT = "the quick brown fox"
 NEW = 8

@@ -15,7 +15,6 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tinyrun import one_thread  # noqa: F401  (an autouse fixture, active where imported)
 from tinyrun import cli, cli_env, cli_subprocess, make_model_folder, make_text_data, read_metrics, write_recipe
 from transformers import AutoModelForCausalLM
 

@@ -22,8 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from deepspeed_worker import nan_loss
-from tinyrun import one_thread  # noqa: F401  (an autouse fixture, active where imported)
-from tinyrun import adapter_section, cli, cli_env, make_chat_data, make_model_folder, read_metrics, word_tokenizer, write_recipe
+from tinyrun import adapter_section, cli, cli_env, make_chat_data, read_metrics, word_tokenizer, write_recipe
 
 from lorafam.data import prepare_data
 from lorafam.recipe import load_recipe
@@ -37,9 +36,9 @@ STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("layout")
-    return make_model_folder(root / "model"), make_chat_data(root / "chat.jsonl", rows=72)
+def train_data(tmp_path_factory):
+    """conftest's ``assets`` train on chat pairs here (see the module docstring)."""
+    return make_chat_data(tmp_path_factory.mktemp("layout") / "chat.jsonl", rows=72)
 
 
 def recipe(tmp_path: Path, assets, name: str, batch: int, accum: int, variant: str = "lora", **train) -> Path:

@@ -15,9 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
-import transformers
 import yaml
 from conftest import tiny_llama_config
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -25,19 +23,6 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
 from lorafam.cli import app
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Active in every test module that imports it. A 20k-parameter model is fastest on one thread,
-    and on a busy 2-core box two threads spinning against each other make each run ~10x slower;
-    progress bars off so stderr holds exactly the lines the tests check."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    transformers.utils.logging.disable_progress_bar()
-    yield
-    torch.set_num_threads(threads)
-    transformers.utils.logging.enable_progress_bar()
-
 
 WORDS = (
     "the a quick brown fox jumps over lazy dog cat sat on mat and ran to see big small red blue "
