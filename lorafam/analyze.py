@@ -187,7 +187,7 @@ def load_run(folder: str | Path) -> AdaptedRun:
 
     run = open_run(folder)
     model = load_model(run.recipe.model, run.label_names)
-    variant = adapt(model, run.recipe, head_modules(model, run.recipe.model.task), run.info.get("prepare"))
+    variant = adapt(model, run.recipe, head_modules(model, run.recipe.model.task), run.info.prepare)
     start = start_deltas(variant)
     load_adapter_weights(variant, run.folder)
     return AdaptedRun(run=run, model=model, variant=variant, start_deltas=start)
@@ -234,8 +234,8 @@ def saved_states(run: Any, warn: Callable[[str], None]) -> list[tuple[int, Path]
             f"{run.folder} has no checkpoints ({CHECKPOINTS}/step-NNNNNN/): this analysis follows the weights "
             "over training; train with train.save_every set, e.g. --set train.save_every=10"
         )
-    final_step = run.info.get("steps")
-    if isinstance(final_step, int):
+    final_step = run.info.steps
+    if final_step is not None:
         states[final_step] = run.folder / ADAPTER_WEIGHTS
     return sorted(states.items())
 

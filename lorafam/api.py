@@ -16,8 +16,6 @@ the main one writes to the run folder, and the others print nothing.
 from __future__ import annotations
 
 import dataclasses
-import random
-import shutil
 import sys
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -27,10 +25,11 @@ from typing import Any
 
 from rich.console import Console
 
+from lorafam.build import param_line, report_line
 from lorafam.errors import LorafamError
 from lorafam.recipe import Recipe, load_recipe
-from lorafam.card import write_run_card
-from lorafam.tracking import Trackers, check_installed
+from lorafam.run import CHECKPOINTS, RUN_INFO, RunFolder, RunInfo
+from lorafam.tracking import Trackers
 
 
 @dataclass
@@ -38,7 +37,7 @@ class RunResult:
     """What ``train`` did: the run folder, its run.json, and the trained objects (in-process use)."""
 
     run_dir: Path
-    info: dict[str, Any]
+    info: RunInfo
     already_complete: bool = False
     model: Any = field(default=None, repr=False)
     variant: Any = field(default=None, repr=False)
@@ -51,15 +50,6 @@ def _recipe(recipe: str | Path | Recipe, overrides: list[str] | tuple[str, ...])
             raise LorafamError("overrides apply to a recipe file; apply them to the Recipe object instead")
         return recipe
     return load_recipe(recipe, list(overrides))
-
-
-def param_line(trainable: int, total: int) -> str:
-    return f"trainable params: {trainable:,} / {total:,} ({100 * trainable / max(total, 1):.4f}%)"
-
-
-def report_line(report: dict[str, int]) -> str:
-    """The data rows left out or cut, e.g. 'dropped empty 2, truncated 3'; empty when none."""
-    return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in report.items() if k not in ("read", "kept") and v)
 
 
 def peak_memory() -> dict[str, int]:
@@ -88,172 +78,105 @@ def train(
     ``resume`` continues from the newest complete checkpoint (also ``train.resume: auto``);
     ``overwrite`` replaces a different run already in ``output_dir``. Progress goes to ``console``,
     warnings (a damaged checkpoint skipped) to ``warn`` (default: stderr).
-    """
-    import torch
-    from accelerate import PartialState
 
-    from lorafam.checkpoint import discard_after, find_latest_checkpoint
-    from lorafam.data import prepare_data
-    from lorafam.distributed import gathered
-    from lorafam.hardware import check_process_count, choose_precision, process_group
-    from lorafam.modeling import head_modules, load_model, load_tokenizer
-    from lorafam.quant import FOUR_BIT, check_sharded_storage, compute_dtype
-    from lorafam.run import ADAPTER_WEIGHTS, CHECKPOINTS, METRICS, RUN_INFO, adapt, check_output_dir, pin_compute_dtype, read_run_info
-    from lorafam.run import save_adapter, save_run_files, write_json
-    from lorafam.trainer import TrainingStopped, layout_of
-    from lorafam.trainer import train as run_training
+    A run: open its folder, build what it trains, let the variant prepare (LoRA-drop's probe run),
+    fit, and finish (adapter, artifacts, run.json, card).
+    """
+    from lorafam.build import build
+    from lorafam.hardware import join_processes
+    from lorafam.trainer import TrainingStopped
 
     spec = _recipe(recipe, overrides)
     resume = resume or spec.train.resume == "auto"
     if resume and overwrite:
         raise LorafamError("--overwrite starts over and --resume continues: pass one of them")
-    cpu, backend = process_group()  # joins the process group under a multi-process launch
-    state = PartialState(cpu=cpu, **({"backend": backend} if backend else {}))
-    check_process_count(state.num_processes)
-    main = state.is_main_process
-    if not main:
-        console, warn = Console(quiet=True), lambda line: None
-    elif console is None:
-        console = Console()
-    warn = warn or (lambda line: print(line, file=sys.stderr))
-
-    run_dir = check_output_dir(spec, overwrite, resume)
-    checkpoint, previous = None, {}
-    if resume:
-        previous = read_run_info(run_dir)
-        if previous.get("status") == "complete" and (run_dir / ADAPTER_WEIGHTS).is_file():
-            console.print(f"{run_dir} already holds this run, finished ({previous.get('steps')} steps); nothing to resume", soft_wrap=True)
-            return RunResult(run_dir, previous, already_complete=True)
-        checkpoint = find_latest_checkpoint(run_dir, warn)
-        if checkpoint is None:
-            console.print(f"no complete checkpoint in {run_dir / CHECKPOINTS}; starting from step 0", soft_wrap=True)
-    check_installed(spec.train.report_to)
-    precision = choose_precision(spec.train.mixed_precision)
-    # A resumed 4-bit run dequantizes as before the interruption, on whichever machine it resumes.
-    model_cfg = pin_compute_dtype(spec, previous).model
-    check_sharded_storage(model_cfg, precision.mixed_precision)
-    tokenizer = load_tokenizer(spec.model)
-    data = prepare_data(spec.data, tokenizer, spec.model.task, spec.train.seed)
-    # Seeded before anything random (a fresh classification head, the adapter's init), so a run
-    # is a function of its recipe, also when several run in one process.
-    torch.manual_seed(spec.train.seed)
-    random.seed(spec.train.seed)
-    model = load_model(model_cfg, data.label_names)
-    variant = adapt(model, spec, head_modules(model, spec.model.task))
-    trainable, total = variant.parameter_counts()
-    layout = layout_of(spec, state.num_processes)
-
-    console.print(f"model {spec.model.name} ({type(model).__name__}) · adapter {variant.name} · {len(variant.layers)} layers adapted")
-    console.print(param_line(trainable, total))
-    for line in variant.notes():
-        console.print(line, markup=False, soft_wrap=True)
-    console.print(
-        f"data: {data.format}, {len(data.train) if data.packing is None else data.packing.examples} train / "
-        f"{len(data.eval) if data.eval is not None else 0} eval examples"
-        + (f" ({report_line(data.report)})" if report_line(data.report) else "")
-    )
-    if data.packing is not None:
-        console.print(data.packing.summary(spec.train.batch_size), soft_wrap=True)
-    processes = f"{state.num_processes} process{'es' if state.num_processes > 1 else ''} on {state.device.type}"
-    console.print(
-        f"{processes} · global batch {layout.global_batch} = batch_size {layout.batch_size} x grad_accum "
-        f"{layout.grad_accum} x {layout.processes} process{'es' if layout.processes > 1 else ''} · lr {spec.train.lr:g} (not rescaled)",
-        soft_wrap=True,
-    )
-    console.print(f"precision: {'fp32' if precision.mixed_precision == 'no' else precision.mixed_precision} ({precision.reason})", soft_wrap=True)
-
-    # Everything is validated: only now do we touch the disk (the main process only).
-    if main and run_dir.exists() and checkpoint is None:
-        if overwrite:
-            shutil.rmtree(run_dir)
-        else:  # a fresh run of the same recipe: clear the old run's outputs
-            for name in (ADAPTER_WEIGHTS, "adapter_config.json", METRICS):
-                (run_dir / name).unlink(missing_ok=True)
-            shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
-    info: dict[str, Any] = {
-        "label_names": data.label_names,
-        "trainable_params": trainable,
-        "total_params": total,
-        "data_report": data.report,
-        "packing": data.packing.as_dict(spec.train.batch_size) if data.packing is not None else None,
-        "processes": state.num_processes,
-        "global_batch": layout.global_batch,
-        "precision": precision.as_dict(),
-        # model.compute_dtype: auto as resolved on this machine (a 4-bit base dequantizes to it);
-        # merge, export and eval of the run use it wherever they run (lorafam.run.pin_compute_dtype).
-        "compute_dtype": compute_dtype(model_cfg) if model_cfg.quantization in FOUR_BIT else None,
-        "status": "training",
-    }
-    if checkpoint is not None:
-        info["resumed_from"] = [*previous.get("resumed_from", []), checkpoint.step]
-        if main:
-            discard_after(run_dir, checkpoint.step)
-    if main:
-        save_run_files(run_dir, spec, tokenizer, info)
+    state = join_processes()
+    console, warn = _outputs(state.is_main_process, console, warn)
+    folder = RunFolder.open(spec, overwrite, resume, writes=state.is_main_process, warn=warn)
+    if folder.finished:
+        console.print(f"{folder.path} already holds this run, finished ({folder.previous.steps} steps); nothing to resume", soft_wrap=True)
+        return RunResult(folder.path, folder.previous, already_complete=True)
+    if resume and folder.checkpoint is None:
+        console.print(f"no complete checkpoint in {folder.path / CHECKPOINTS}; starting from step 0", soft_wrap=True)
+    built = build(spec, folder.previous, state.num_processes)
+    built.announce(console, state.device.type)
+    info = built.run_info()
+    if folder.checkpoint is not None:
+        info.resumed_from = [*folder.previous.resumed_from, folder.checkpoint.step]
+    folder.start(spec, built.tokenizer, info, overwrite)  # everything is validated: only now is the disk touched
     state.wait_for_everyone()
-
-    def write_info() -> None:
-        if main:
-            write_json(run_dir / RUN_INFO, info)
-
-    # Trackers get every metrics row; their files (TensorBoard's) go under the run folder.
-    trackers = Trackers(spec.train.report_to, run_dir, spec.model_dump(mode="json"), precision.mixed_precision, cpu)
-    try:
-        def fit(dataset: Any, steps: int | None, phase: str) -> Any:
-            subset = dataclasses.replace(data, train=dataset, eval=None)
-            return run_training(spec, model, variant, tokenizer, subset, run_dir, console, phase=phase, steps=steps,
-                                precision=precision, on_row=trackers.log)
-
-        if checkpoint is not None and previous.get("prepare"):
-            prepared = previous["prepare"]  # decided before the interruption: rebuild, do not re-decide
-            variant.restore(prepared)
-        else:
-            prepared = variant.prepare(fit, data.train, spec.train.seed)
-        if prepared:
-            info["prepare"] = prepared
-            trainable, total = variant.parameter_counts()
-            info["trainable_params"] = trainable
-            write_info()  # a resumed run rebuilds the same structure from it
-            console.print(param_line(trainable, total) + " (after prepare)")
+    with Trackers(spec.train.report_to, folder.path, spec.model_dump(mode="json"), built.precision.mixed_precision) as trackers:
+        _prepare(built, folder, info, console, trackers)
         try:
-            result = run_training(spec, model, variant, tokenizer, data, run_dir, console, resume=checkpoint, precision=precision,
-                                  on_row=trackers.log)
+            result = fit(built, folder, console, resume=folder.checkpoint, on_row=trackers.log)
         except TrainingStopped as stopped:
-            info |= {"status": stopped.status, "stopped_at_step": stopped.step}
-            write_info()
+            info.status, info.stopped_at_step = stopped.status, stopped.step
+            folder.write_info(info)
             raise
-        # Every process: sharded weights are gathered (FSDP2 by the variant, ZeRO-3 here).
-        with gathered(variant.live_tensors().values()):
-            save_adapter(run_dir, variant, spec, writes=main)
-            artifacts = variant.write_artifacts(run_dir) if main else []
-            report = variant.report()
-        trackers.log_images(artifacts, result.steps)
-        info |= {
-            "status": "complete",
-            "steps": result.steps,
-            "seconds": round(result.seconds, 1),
-            "eval_before": result.eval_before,
-            "eval_after": result.eval_after,
-            "final_train_loss": result.final_train_loss,
-            "sample_before": result.sample_before,
-            "sample_after": result.sample_after,
-            "artifacts": [str(p.relative_to(run_dir)) for p in artifacts],
-            "report": report,
-            "skipped_steps": result.skipped_steps,
-            "peak_memory": peak_memory(),
-        }
-        write_info()
-        if main:  # README.md model card, from the final run.json
-            write_run_card(run_dir, spec, info)
+        _finish(built, folder, info, result, trackers)
         state.wait_for_everyone()
-        if result.skipped_steps:
-            console.print(f"skipped {result.skipped_steps} of {result.steps} optimizer steps for a non-finite loss (train.on_nan: skip)", soft_wrap=True)
-        if report_line(data.report):
-            console.print(f"data rows left out or cut: {report_line(data.report)} (counts in {run_dir / RUN_INFO})", soft_wrap=True)
-        console.print(f"saved adapter to {run_dir} ({result.steps} steps in {result.seconds:.0f} s)")
-        return RunResult(run_dir, info, model=model, variant=variant, training=result)
-    finally:
-        trackers.finish()
+    if result.skipped_steps:
+        console.print(f"skipped {result.skipped_steps} of {result.steps} optimizer steps for a non-finite loss (train.on_nan: skip)", soft_wrap=True)
+    if report_line(built.data.report):
+        console.print(f"data rows left out or cut: {report_line(built.data.report)} (counts in {folder.path / RUN_INFO})", soft_wrap=True)
+    console.print(f"saved adapter to {folder.path} ({result.steps} steps in {result.seconds:.0f} s)")
+    return RunResult(folder.path, info, model=built.model, variant=built.variant, training=result)
+
+
+def _outputs(main: bool, console: Console | None, warn: Callable[[str], None] | None) -> tuple[Console, Callable[[str], None]]:
+    """Where progress and warnings go: nowhere off the main process."""
+    if not main:
+        return Console(quiet=True), lambda line: None
+    return console or Console(), warn or (lambda line: print(line, file=sys.stderr))
+
+
+def fit(built: Any, folder: RunFolder, console: Console, phase: str = "main", data: Any = None, steps: int | None = None,
+        resume: Any = None, on_row: Callable[[dict[str, Any]], None] | None = None) -> Any:
+    """One training pass of the built run (lorafam.trainer.train): the main one, or a variant's
+    preparatory pass on ``data`` (rows already tokenized) for ``steps`` steps (None: one pass)."""
+    from lorafam.trainer import train as run_pass
+
+    subset = built.data if data is None else dataclasses.replace(built.data, train=data, eval=None)
+    return run_pass(built.recipe, built.model, built.variant, built.tokenizer, subset, folder, console, phase=phase,
+                    steps=steps, resume=resume, precision=built.precision, on_row=on_row)
+
+
+def _prepare(built: Any, folder: RunFolder, info: RunInfo, console: Console, trackers: Trackers) -> None:
+    """The variant's prepare phase (LoRA-drop's probe run), or on resume the structure it decided."""
+    variant = built.variant
+    if folder.checkpoint is not None and folder.previous.prepare:
+        prepared = folder.previous.prepare  # decided before the interruption: rebuild, do not re-decide
+        variant.restore(prepared)
+    else:
+        def pass_on(dataset: Any, steps: int | None, phase: str) -> Any:
+            return fit(built, folder, console, phase=phase, data=dataset, steps=steps, on_row=trackers.log)
+
+        prepared = variant.prepare(pass_on, built.data.train, built.recipe.train.seed)
+    if prepared:
+        trainable, total = variant.parameter_counts()
+        info.prepare, info.trainable_params = prepared, trainable
+        folder.write_info(info)  # a resumed run rebuilds the same structure from it
+        console.print(param_line(trainable, total) + " (after prepare)")
+
+
+def _finish(built: Any, folder: RunFolder, info: RunInfo, result: Any, trackers: Trackers) -> None:
+    """The adapter, the variant's artifacts, the final run.json and the model card."""
+    from lorafam.distributed import gathered
+
+    variant = built.variant
+    # Every process: sharded weights are gathered (FSDP2 by the variant, ZeRO-3 here).
+    with gathered(variant.live_tensors().values()):
+        folder.save_adapter(variant, built.recipe)
+        artifacts = folder.write_artifacts(variant)
+        report = variant.report()
+    trackers.log_images(artifacts, result.steps)
+    info.status, info.steps, info.seconds = "complete", result.steps, round(result.seconds, 1)
+    info.eval_before, info.eval_after, info.final_train_loss = result.eval_before, result.eval_after, result.final_train_loss
+    info.sample_before, info.sample_after = result.sample_before, result.sample_after
+    info.artifacts = [str(p.relative_to(folder.path)) for p in artifacts]
+    info.report, info.skipped_steps, info.peak_memory = report, result.skipped_steps, peak_memory()
+    folder.write_info(info)
+    folder.write_card(built.recipe, info)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from lorafam.tasks import get_task
 
 if TYPE_CHECKING:
     from lorafam.recipe import Recipe
-    from lorafam.run import LoadedRun
+    from lorafam.run import LoadedRun, RunInfo
 
 CARD_FILE = "README.md"
 Kind = Literal["adapter", "merged", "gguf"]
@@ -54,7 +54,7 @@ def write_model_card(folder: str | Path, run: LoadedRun, kind: Kind, **details: 
     return path
 
 
-def write_run_card(run_dir: str | Path, recipe: Recipe, info: dict[str, Any]) -> Path:
+def write_run_card(run_dir: str | Path, recipe: Recipe, info: RunInfo) -> Path:
     """The run folder's card, from what `lorafam train` has in hand when it finishes
     (call it after run.json is final)."""
     from lorafam.run import LoadedRun, pin_compute_dtype
@@ -131,11 +131,11 @@ def model_card(run: LoadedRun, kind: Kind, **details: Any) -> str:
             "folds the adapter into the dequantized base it was trained against"
         )
     lines.append(f"- Data: `{recipe.data.train}`" + (f", eval `{recipe.data.eval}`" if recipe.data.eval else f", {recipe.data.eval_split:g} held out for eval"))
-    if info.get("trainable_params") is not None and info.get("total_params"):
-        share = 100 * info["trainable_params"] / info["total_params"]
-        lines.append(f"- Trainable parameters: {info['trainable_params']:,} of {info['total_params']:,} ({share:.4f}%)")
-    if info.get("steps") is not None:
-        lines.append(f"- Optimizer steps: {info['steps']}" + (f" ({info['seconds']} s)" if info.get("seconds") is not None else ""))
+    if info.total_params:
+        share = 100 * info.trainable_params / info.total_params
+        lines.append(f"- Trainable parameters: {info.trainable_params:,} of {info.total_params:,} ({share:.4f}%)")
+    if info.steps is not None:
+        lines.append(f"- Optimizer steps: {info.steps}" + (f" ({info.seconds} s)" if info.seconds is not None else ""))
     lines.append("")
     lines += _evaluation(info)
     lines += ["## Recipe", "", "The resolved recipe this was trained from (`lorafam train` reproduces it):", "", "```yaml", recipe.to_yaml().strip(), "```", ""]
@@ -152,8 +152,8 @@ def _summary(kind: Kind) -> str:
     }[kind]
 
 
-def _evaluation(info: dict[str, Any]) -> list[str]:
-    before, after = info.get("eval_before") or {}, info.get("eval_after") or {}
+def _evaluation(info: RunInfo) -> list[str]:
+    before, after = info.eval_before or {}, info.eval_after or {}
     if not before and not after:
         return []
     lines = ["## Evaluation", "", "On the recipe's eval split, before and after training:", "", "| metric | before | after |", "|---|---|---|"]
@@ -169,7 +169,9 @@ def _number(value: Any) -> str:
 
 
 def _peft_loadable(run: LoadedRun) -> bool:
-    config_path = run.folder / "adapter_config.json"
+    from lorafam.run import ADAPTER_CONFIG
+
+    config_path = run.folder / ADAPTER_CONFIG
     try:
         peft_type = json.loads(config_path.read_text()).get("peft_type", "")
     except (OSError, json.JSONDecodeError):

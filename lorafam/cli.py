@@ -173,8 +173,8 @@ def inspect(
     prepared = None
     if is_run_folder(target):
         run = open_run(target)
-        spec, label_names, prepared = run.recipe, run.label_names, run.info.get("prepare")
-        run_report = run.info.get("report") or []
+        spec, label_names, prepared = run.recipe, run.label_names, run.info.prepare
+        run_report = run.info.report
     else:
         spec, label_names = load_recipe(target, set or []), None
     model = build_meta_model(spec.model, label_names)

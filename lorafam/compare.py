@@ -31,6 +31,7 @@ from rich.console import Console
 from lorafam.adapters import VARIANTS, AdapterConfig
 from lorafam.errors import LorafamError
 from lorafam.recipe import apply_override, validate_recipe
+from lorafam.run import read_metrics, read_run_info
 
 #: Keys every variant takes from the compared recipe, so all adapt the same modules.
 SHARED_ADAPTER_KEYS = ("target_modules", "modules_to_save")
@@ -119,16 +120,6 @@ def _run_child(plan: Plan, console: Console) -> tuple[int, int]:
     return child.returncode, usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def _metrics_rows(run_dir: Path) -> list[dict[str, Any]]:
-    rows = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
 def merge_check(run_dir: Path) -> dict[str, Any]:
     """Merge the run's adapter in memory, time it, and evaluate both: they must agree."""
     import torch
@@ -165,17 +156,17 @@ def merge_check(run_dir: Path) -> dict[str, Any]:
 
 def row_for(plan: Plan, peak_rss: int) -> dict[str, Any]:
     """One variant's numbers, read back from its run folder."""
-    info = json.loads((plan.run_dir / "run.json").read_text())
-    rows = _metrics_rows(plan.run_dir)
+    info = read_run_info(plan.run_dir)
+    rows = read_metrics(plan.run_dir)
     steps = [r for r in rows if "loss" in r and "phase" not in r and r.get("loss") is not None]
     evals = [{"step": r["step"], "loss": r["eval_loss"]} for r in rows if "eval_loss" in r]
-    before, after = info.get("eval_before") or {}, info.get("eval_after") or {}
-    memory = info.get("peak_memory") or {}
+    before, after = info.eval_before or {}, info.eval_after or {}
+    memory = info.peak_memory
     return {
         "variant": plan.variant,
-        "trainable_params": info["trainable_params"],
-        "trainable_percent": 100 * info["trainable_params"] / max(info["total_params"], 1),
-        "final_train_loss": info.get("final_train_loss"),
+        "trainable_params": info.trainable_params,
+        "trainable_percent": 100 * info.trainable_params / max(info.total_params, 1),
+        "final_train_loss": info.final_train_loss,
         "eval_loss_before": before.get("loss"),
         "eval_loss_after": after.get("loss"),
         "accuracy_before": before.get("accuracy"),
@@ -186,8 +177,8 @@ def row_for(plan: Plan, peak_rss: int) -> dict[str, Any]:
         "peak_rss_bytes": peak_rss or memory.get("rss_bytes"),
         "peak_cuda_bytes": memory.get("cuda_bytes"),
         "eval_curve": evals,
-        "steps": info.get("steps"),
-        "precision": (info.get("precision") or {}).get("mixed_precision"),
+        "steps": info.steps,
+        "precision": info.precision.get("mixed_precision"),
         "run_dir": str(plan.run_dir),
         "notes": plan.notes,
     }
@@ -199,8 +190,7 @@ def compare(recipe: Path, variants: list[str], overrides: list[str], output: Pat
     rows = []
     for i, p in enumerate(plans, start=1):
         console.print(f"[{i}/{len(plans)}] {p.variant} -> {p.run_dir} ({'; '.join(p.notes)})", markup=False, soft_wrap=True)
-        info_path = p.run_dir / "run.json"
-        finished = info_path.is_file() and json.loads(info_path.read_text()).get("status") == "complete"
+        finished = read_run_info(p.run_dir).status == "complete"
         code, peak = (0, 0) if finished else _run_child(p, console)
         if code != 0:
             raise LorafamError(f"training {p.variant} failed (exit {code}); its output is above, its run folder is {p.run_dir}")

@@ -13,6 +13,7 @@ import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -85,6 +86,17 @@ def process_group() -> tuple[bool, str | None]:
     if launched_engine() == "deepspeed":
         return False, "gloo"
     return True, None
+
+
+def join_processes() -> Any:
+    """This process's place in the launch (Accelerate's PartialState): joins the process group under a
+    multi-process launch; refuses a launch whose processes did not form one."""
+    from accelerate import PartialState
+
+    cpu, backend = process_group()
+    state = PartialState(cpu=cpu, **({"backend": backend} if backend else {}))
+    check_process_count(state.num_processes)
+    return state
 
 
 def choose_precision(requested: str | None) -> Precision:

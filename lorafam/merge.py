@@ -91,7 +91,7 @@ def load_adapted(run: LoadedRun) -> tuple[torch.nn.Module, "object"]:
     A run trained on a quantized base loads quantized, as trained.
     """
     model = load_model(run.recipe.model, run.label_names)
-    variant = adapt(model, run.recipe, head_modules(model, run.recipe.model.task), run.info.get("prepare"))
+    variant = adapt(model, run.recipe, head_modules(model, run.recipe.model.task), run.info.prepare)
     load_adapter_weights(variant, run.folder)
     return model, variant
 

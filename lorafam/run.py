@@ -11,6 +11,11 @@
 
 Every file is written under a temporary name, fsynced and renamed into place, so a run killed
 mid-write never leaves a truncated file under a real name.
+
+``RunFolder`` owns a training run's folder: whether a run may start there (fresh, resumed or
+overwritten), which checkpoint it resumes, and every write; off the main process its writes are
+no-ops, so it is the one place that asks which process this is. ``RunInfo`` is run.json, typed;
+``open_run`` reads a finished run for merge, eval, export, chat and analyze.
 """
 
 from __future__ import annotations
@@ -18,13 +23,16 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
 
 import torch
 import yaml
+from pydantic import BaseModel, ConfigDict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -40,6 +48,42 @@ RUN_INFO = "run.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 
+
+class RunInfo(BaseModel):
+    """run.json: what a run decided and measured. Written only through ``RunFolder.write_info``;
+    fields left unset are not written (a run that never resumed has no ``resumed_from``)."""
+
+    model_config = ConfigDict(extra="ignore", validate_assignment=True)
+
+    label_names: list[str] | None = None
+    trainable_params: int = 0
+    total_params: int = 0
+    data_report: dict[str, int] = {}
+    packing: dict[str, Any] | None = None
+    processes: int = 1
+    global_batch: int = 0
+    precision: dict[str, Any] = {}
+    # model.compute_dtype: auto as resolved on this machine (a 4-bit base dequantizes to it);
+    # merge, export and eval of the run use it wherever they run (pin_compute_dtype).
+    compute_dtype: str | None = None
+    status: str = "training"  # training, complete, interrupted, diverged, stopped
+    resumed_from: list[int] = []  # the checkpoint steps each resume started from
+    prepare: dict[str, Any] | None = None  # what the variant's prepare phase decided (Variant.restore)
+    stopped_at_step: int | None = None
+    steps: int | None = None
+    seconds: float | None = None
+    eval_before: dict[str, Any] | None = None  # the task's metrics (lorafam.tasks)
+    eval_after: dict[str, Any] | None = None
+    final_train_loss: float | None = None
+    sample_before: str | None = None
+    sample_after: str | None = None
+    artifacts: list[str] = []
+    report: list[Any] = []  # the variant's closing report (Variant.report)
+    skipped_steps: int = 0
+    peak_memory: dict[str, int] = {}
+
+    def as_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_unset=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,18 +224,159 @@ def _first_difference(saved: Any, current: Any, path: str = "") -> str | None:
 
 
 # --------------------------------------------------------------------------------------------------
+# A training run's folder
+
+
+class RunFolder:
+    """The output folder of one training run, and every write into it.
+
+    ``open`` checks that the run may start there and finds what it resumes; nothing is written
+    until ``start``. Every process holds one; only the one with ``writes`` (the main process)
+    touches the disk.
+    """
+
+    def __init__(self, path: Path, writes: bool, previous: RunInfo | None = None, checkpoint: Any = None):
+        self.path = path
+        self.writes = writes
+        self.previous = previous  # run.json of the run being resumed
+        self.checkpoint = checkpoint  # lorafam.checkpoint.Checkpoint it resumes from, or None
+
+    @classmethod
+    def open(cls, recipe: Recipe, overwrite: bool, resume: bool, writes: bool, warn: Callable[[str], None]) -> "RunFolder":
+        """The recipe's output_dir, checked (see ``check_output_dir``); under ``resume`` with the run
+        it holds and its newest complete checkpoint."""
+        from lorafam.checkpoint import find_latest_checkpoint
+
+        path = check_output_dir(recipe, overwrite, resume)
+        if not resume:
+            return cls(path, writes)
+        previous = read_run_info(path)
+        checkpoint = None if previous.status == "complete" and (path / ADAPTER_WEIGHTS).is_file() else find_latest_checkpoint(path, warn)
+        return cls(path, writes, previous, checkpoint)
+
+    @property
+    def finished(self) -> bool:
+        """A resumed run that already completed."""
+        return self.previous is not None and self.previous.status == "complete" and (self.path / ADAPTER_WEIGHTS).is_file()
+
+    def start(self, recipe: Recipe, tokenizer: Any, info: RunInfo, overwrite: bool) -> None:
+        """Clear what a fresh run replaces (or what a resumed one will redo), then write recipe.yaml,
+        the tokenizer and run.json."""
+        from lorafam.checkpoint import discard_after
+
+        if not self.writes:
+            return
+        if self.path.exists() and self.checkpoint is None:
+            if overwrite:
+                shutil.rmtree(self.path)
+            else:  # a fresh run of the same recipe: clear the old run's outputs
+                for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, METRICS):
+                    (self.path / name).unlink(missing_ok=True)
+                shutil.rmtree(self.path / CHECKPOINTS, ignore_errors=True)
+        if self.checkpoint is not None:
+            discard_after(self.path, self.checkpoint.step)
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_text(self.path / RECIPE_FILE, recipe.to_yaml())
+        self.write_info(info)
+        tokenizer.save_pretrained(str(self.path))
+
+    def write_info(self, info: RunInfo) -> None:
+        if self.writes:
+            write_json(self.path / RUN_INFO, info.as_json())
+
+    def save_adapter(self, variant: Variant, recipe: Recipe) -> None:
+        """Every process calls this (sharded weights are gathered, a collective); one writes."""
+        save_adapter(self.path, variant, recipe, writes=self.writes)
+
+    def write_artifacts(self, variant: Variant) -> list[Path]:
+        return variant.write_artifacts(self.path) if self.writes else []
+
+    def write_card(self, recipe: Recipe, info: RunInfo) -> None:
+        """README.md model card, from the final run.json."""
+        from lorafam.card import write_run_card
+
+        if self.writes:
+            write_run_card(self.path, recipe, info)
+
+    def save_checkpoint(self, step: int, variant: Variant, optimizer: Any, scheduler: Any, state: dict[str, Any],
+                        keep_last: int | None, model: torch.nn.Module) -> Path:
+        """Every process calls this (sharded state is gathered, a collective); one writes."""
+        from lorafam.checkpoint import save_checkpoint
+
+        return save_checkpoint(self.path, step, variant, optimizer, scheduler, state, keep_last, model=model, writes=self.writes)
+
+    @contextmanager
+    def metrics(self, on_row: Callable[[dict[str, Any]], None] | None = None, keep_through: int | None = None) -> Iterator["MetricsLog"]:
+        """metrics.jsonl opened for appending (closed on every path out); every row also goes to
+        ``on_row``. ``keep_through``: main-phase rows past that step are dropped first (a resumed run
+        logs them again)."""
+        if not self.writes:
+            yield MetricsLog(None, on_row)
+            return
+        if keep_through is not None:
+            truncate_metrics(self.path / METRICS, keep_through)
+        self.path.mkdir(parents=True, exist_ok=True)
+        with (self.path / METRICS).open("a") as handle:
+            yield MetricsLog(handle, on_row)
+
+
+class MetricsLog:
+    def __init__(self, handle: Any, on_row: Callable[[dict[str, Any]], None] | None):
+        self.handle = handle
+        self.on_row = on_row
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.handle is not None:
+            write_metrics(self.handle, row)
+        if self.on_row is not None:
+            self.on_row(row)
+
+
+def write_metrics(handle: Any, row: dict[str, Any]) -> None:
+    handle.write(json.dumps(row) + "\n")
+    handle.flush()
+
+
+def truncate_metrics(path: Path, through_step: int) -> None:
+    """Drop main-phase rows after ``through_step`` (and a half-written last line); keep phase rows."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # cut short by a kill mid-write
+        if "phase" in row or row.get("step", 0) <= through_step:
+            kept.append(line + "\n")
+    write_text(path, "".join(kept))
+
+
+def read_metrics(folder: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's rows (a half-written last line skipped)."""
+    path = folder / METRICS
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
 # Loading a finished run
 
 
 @dataclass
 class LoadedRun:
     recipe: Recipe
-    info: dict[str, Any]
+    info: RunInfo
     folder: Path
 
     @property
     def label_names(self) -> list[str] | None:
-        return self.info.get("label_names")
+        return self.info.label_names
 
 
 def open_run(folder: str | Path) -> LoadedRun:
@@ -208,20 +393,20 @@ def open_run(folder: str | Path) -> LoadedRun:
     recipe = load_recipe(folder / RECIPE_FILE)
     info_path = folder / RUN_INFO
     try:
-        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    except json.JSONDecodeError:
+        info = RunInfo.model_validate_json(info_path.read_text()) if info_path.is_file() else RunInfo()
+    except ValueError:
         raise LorafamError(f"{info_path} is corrupt; re-run training") from None
     return LoadedRun(recipe=pin_compute_dtype(recipe, info), info=info, folder=folder)
 
 
-def pin_compute_dtype(recipe: Recipe, info: dict[str, Any]) -> Recipe:
+def pin_compute_dtype(recipe: Recipe, info: RunInfo | None) -> Recipe:
     """The recipe with ``model.compute_dtype: auto`` replaced by the dtype training resolved it to.
 
     ``auto`` depends on the machine (bf16 where it is native). A run trained in bf16 compute and
     merged, exported or evaluated on a machine without native bf16 must still dequantize its 4-bit
     base the way it was trained, and its cards must say so: run.json records the resolved dtype.
     """
-    resolved = info.get("compute_dtype")
+    resolved = info.compute_dtype if info is not None else None
     if recipe.model.compute_dtype != "auto" or resolved not in get_args(ModelConfig.model_fields["compute_dtype"].annotation):
         return recipe
     return recipe.model_copy(update={"model": recipe.model.model_copy(update={"compute_dtype": resolved})})
@@ -243,9 +428,9 @@ def load_adapter_weights(variant: Variant, folder: Path) -> None:
     variant.load_adapter_state_dict(load_tensors(folder / ADAPTER_WEIGHTS))
 
 
-def read_run_info(folder: Path) -> dict[str, Any]:
+def read_run_info(folder: Path) -> RunInfo:
     """run.json of a (possibly unfinished) run folder; empty when absent or unreadable."""
     try:
-        return json.loads((folder / RUN_INFO).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+        return RunInfo.model_validate_json((folder / RUN_INFO).read_text())
+    except (OSError, ValueError):
+        return RunInfo()

@@ -52,13 +52,16 @@ def flat_config(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class Trackers:
     """The trackers of one run. A no-op without any (the default)."""
 
-    def __init__(self, names: list[str], run_dir: Path, config: dict[str, Any], mixed_precision: str, cpu: bool):
+    def __init__(self, names: list[str], run_dir: Path, config: dict[str, Any], mixed_precision: str):
         self.accelerator = None
         if not names:
             return
         check_installed(names)
         from accelerate import Accelerator
 
+        from lorafam.hardware import process_group
+
+        cpu, _ = process_group()
         # The same precision and device as the training's own Accelerator: they share one state.
         self.accelerator = Accelerator(
             log_with=list(names), project_dir=str(run_dir / "trackers"), mixed_precision=mixed_precision, cpu=cpu
@@ -92,3 +95,9 @@ class Trackers:
     def finish(self) -> None:
         if self.accelerator is not None:
             self.accelerator.end_training()
+
+    def __enter__(self) -> "Trackers":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.finish()

@@ -13,8 +13,10 @@ permutation cut into global batches (batch_size x grad_accum x processes), the l
 dropped; a step's global batch is split across processes, then into micro-batches. A resumed run
 therefore needs nothing but the step to take exactly the batches the uninterrupted run would.
 
-What differs between the main run and a variant's preparatory phase (LoRA-drop's probe run) is
-``Phase``: the main run evaluates, samples, checkpoints and answers signals; a phase does none of it.
+What differs between the main run and a variant's preparatory pass (LoRA-drop's probe run) is the
+``Pass`` handed to the loop: the main pass (``MainPass``) evaluates, samples, checkpoints and
+answers signals; a preparatory one does none of it. What differs between one process, DDP, FSDP2
+and DeepSpeed is the ``Engine`` (lorafam.engine); the loop does not know which it runs under.
 
 Surviving interruptions: a checkpoint holds everything the next step depends on (adapter, variant
 state, optimizer, scheduler, RNG states), so a resumed run takes the same steps an uninterrupted
@@ -25,36 +27,34 @@ stops the run (or skips the step, ``train.on_nan: skip``) instead of training on
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from lorafam.adapters import Variant
 from lorafam.adapters.dropout import keyed, mix
-from lorafam.checkpoint import Checkpoint, checkpoint_name, load_checkpoint, restore_rng, save_checkpoint
+from lorafam.checkpoint import Checkpoint, checkpoint_name, load_checkpoint, restore_rng
 from lorafam.data import PreparedData, check_packing_support, make_collator
 from lorafam.distributed import all_reduce_max, all_reduce_sum, gathered, is_partitioned
+from lorafam.engine import Engine
 from lorafam.errors import LorafamError
 from lorafam.evaluate import evaluate, generate_sample
-from lorafam.hardware import Precision, check_process_count, choose_precision, process_group
+from lorafam.hardware import Precision, choose_precision
 from lorafam.optim import make_optimizer, make_scheduler
 from lorafam.quant import keep_training_layout
 from lorafam.recipe import Recipe
-from lorafam.run import METRICS, write_text
+from lorafam.run import RunFolder
 from lorafam.tasks import Task, get_task
 
 
@@ -187,41 +187,174 @@ def total_steps(recipe: Recipe, n_train: int, processes: int = 1) -> int:
     return max(1, math.ceil(cfg.epochs * layout_of(recipe, processes).steps_per_epoch(n_train)))
 
 
-def phase_steps(recipe: Recipe, n_examples: int, processes: int = 1) -> int:
-    """One pass over ``n_examples`` in global batches."""
-    return max(1, math.ceil(n_examples / layout_of(recipe, processes).global_batch))
+# --------------------------------------------------------------------------------------------------
+# What a pass does besides training
+
+
+class Pass:
+    """A variant's preparatory pass (LoRA-drop's probe run), and the interface of every pass.
+
+    One pass over its data (the last, partial global batch kept, so each example is seen once), a
+    warmup in proportion to its length, metrics rows tagged with its name; no eval, no samples, no
+    checkpoints, no signal handling. ``MainPass`` is the run itself.
+    """
+
+    partial_last = True
+    last_checkpoint: Path | None = None
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def steps(self, recipe: Recipe, n_examples: int, processes: int) -> int:
+        """One pass over ``n_examples`` in global batches."""
+        return max(1, math.ceil(n_examples / layout_of(recipe, processes).global_batch))
+
+    def warmup(self, recipe: Recipe, steps: int) -> int | None:
+        """A short pass gets a warmup in proportion, or its first steps would run at lr ~0."""
+        return min(recipe.train.warmup_steps, steps // 10)
+
+    def wants_checkpoints(self, recipe: Recipe) -> bool:
+        return False
+
+    def announce(self, console: Console, engine: Engine) -> None:
+        """Printed once the pass is set up."""
+
+    def row(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A metrics row as logged (and as printed, ``line_prefix`` in front)."""
+        return row | {"phase": self.name}
+
+    @property
+    def line_prefix(self) -> str:
+        return f"{self.name} "
+
+    def begin(self, s: "Session", console: Console) -> tuple["TrainResult", int]:
+        """The result to fill and the first step to take."""
+        return TrainResult(steps=s.steps, eval_before=None, eval_after=None), 1
+
+    def keep_metrics_through(self) -> int | None:
+        """Main-phase rows of metrics.jsonl kept from before (None: keep the file as it is)."""
+        return None
+
+    def evaluate(self, s: "Session") -> dict[str, float] | None:
+        return None
+
+    def sample(self, s: "Session") -> str | None:
+        return None
+
+    def stop_requests(self) -> AbstractContextManager[Any]:
+        return nullcontext()
+
+    def after_step(self, s: "Session", step: int, result: "TrainResult") -> None:
+        """Checkpoints and signals, after each optimizer step."""
+
+
+class MainPass(Pass):
+    """The run itself: evaluates and samples before and after, checkpoints every ``train.save_every``
+    steps into ``folder``, stops with a checkpoint on SIGINT/SIGTERM, and resumes from ``resume``."""
+
+    partial_last = False
+
+    def __init__(self, folder: RunFolder, tokenizer: Any, resume: Checkpoint | None = None):
+        super().__init__("main")
+        self.folder, self.tokenizer, self.resume = folder, tokenizer, resume
+        self.stop: StopRequests | None = None
+
+    def steps(self, recipe: Recipe, n_examples: int, processes: int) -> int:
+        return total_steps(recipe, n_examples, processes)
+
+    def warmup(self, recipe: Recipe, steps: int) -> int | None:
+        return None  # the recipe's
+
+    def wants_checkpoints(self, recipe: Recipe) -> bool:
+        return bool(recipe.train.save_every)
+
+    def announce(self, console: Console, engine: Engine) -> None:
+        console.print(f"engine: {engine.name} on {engine.num_processes} process(es)", soft_wrap=True)
+
+    def row(self, row: dict[str, Any]) -> dict[str, Any]:
+        return row
+
+    @property
+    def line_prefix(self) -> str:
+        return ""
+
+    def begin(self, s: "Session", console: Console) -> tuple["TrainResult", int]:
+        resume = self.resume
+        if resume is None:
+            result = TrainResult(steps=s.steps, eval_before=self.evaluate(s), eval_after=None, sample_before=self.sample(s))
+            if result.eval_before:
+                console.print(f"eval before: {s.task.format_metrics(result.eval_before)}")
+            if result.sample_before is not None:
+                console.print(f"sample before: {result.sample_before!r}")
+            return result, 1
+        s.engine.check_resumable()
+        if resume.state.get("total_steps") != s.steps or resume.state.get("processes", 1) != s.engine.num_processes:
+            raise LorafamError(
+                f"checkpoint {resume.path} was written for {resume.state.get('total_steps')} steps on "
+                f"{resume.state.get('processes', 1)} process(es); this run has {s.steps} on {s.engine.num_processes}"
+            )
+        load_checkpoint(resume, s.variant, s.optimizer, s.scheduler, model=s.loss_model)
+        self.last_checkpoint = resume.path
+        result = TrainResult(  # what the summary reports from before the interruption
+            steps=s.steps,
+            eval_before=resume.state.get("eval_before"),
+            eval_after=None,
+            sample_before=resume.state.get("sample_before"),
+            final_train_loss=resume.state.get("final_train_loss"),
+            skipped_steps=resume.state.get("skipped_steps", 0),
+        )
+        console.print(f"resuming from {resume.path} (step {resume.step}/{s.steps})", soft_wrap=True)
+        restore_rng(resume)  # last, so nothing between here and the first step draws from it
+        return result, resume.step + 1
+
+    def keep_metrics_through(self) -> int | None:
+        # Rows past the checkpoint were logged by steps the resumed run takes again.
+        return self.resume.step if self.resume is not None else 0
+
+    def evaluate(self, s: "Session") -> dict[str, float] | None:
+        if s.data.eval is None:
+            return None
+        cfg = s.recipe.train
+        return evaluate(
+            s.loss_model, s.task, s.data.eval, s.collate, cfg.eval_batch_size or cfg.batch_size,
+            cfg.eval_max_batches, eval_autocast(s), s.engine.process_index, s.engine.num_processes,
+        )
+
+    def sample(self, s: "Session") -> str | None:
+        if not s.task.generates or not s.recipe.train.sample_prompt:
+            return None
+        with s.engine.autocast():
+            return generate_sample(s.model, self.tokenizer, s.recipe.train.sample_prompt, s.recipe.train.sample_max_new_tokens)
+
+    def stop_requests(self) -> AbstractContextManager[Any]:
+        self.stop = StopRequests()
+        return self.stop
+
+    def after_step(self, s: "Session", step: int, result: "TrainResult") -> None:
+        cfg = s.recipe.train
+        if cfg.save_every and step % cfg.save_every == 0 and step != s.steps:
+            self.last_checkpoint = self.checkpoint(s, step, result)
+        signum = self.stop.agreed() if self.stop is not None else None
+        if signum is not None:
+            if s.engine.checkpoints and (self.last_checkpoint is None or self.last_checkpoint.name != checkpoint_name(step)):
+                self.last_checkpoint = self.checkpoint(s, step, result)
+            raise TrainingInterrupted(signum, step, self.last_checkpoint)
+
+    def checkpoint(self, s: "Session", step: int, result: "TrainResult") -> Path:
+        state = {
+            "total_steps": s.steps,
+            "processes": s.engine.num_processes,
+            "global_batch": s.layout.global_batch,
+            "eval_before": result.eval_before,
+            "sample_before": result.sample_before,
+            "final_train_loss": result.final_train_loss,
+            "skipped_steps": result.skipped_steps,
+        }
+        return self.folder.save_checkpoint(step, s.variant, s.optimizer, s.scheduler, state, s.recipe.train.keep_last, s.loss_model)
 
 
 # --------------------------------------------------------------------------------------------------
 # Set-up
-
-
-@dataclass(frozen=True)
-class Phase:
-    """The main run, or a variant's preparatory run (``name`` tags its metrics rows)."""
-
-    name: str = "main"
-
-    @property
-    def is_main(self) -> bool:
-        return self.name == "main"
-
-
-def make_accelerator(precision: Precision) -> Accelerator:
-    """The Accelerator for one training phase, on the CPU when there is no accelerator."""
-    from accelerate.utils import InitProcessGroupKwargs
-
-    from accelerate.state import AcceleratorState
-
-    cpu, backend = process_group()
-    handlers = [InitProcessGroupKwargs(backend=backend)] if backend else None
-    # Accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another
-    # precision: a second run in the same process (the Python API, a notebook) starts its own. The
-    # process group (PartialState) is kept.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision=precision.mixed_precision, cpu=cpu, kwargs_handlers=handlers)
-    check_process_count(accelerator.num_processes)
-    return accelerator
 
 
 def compile_blocks(model: torch.nn.Module) -> int:
@@ -240,57 +373,14 @@ def compile_blocks(model: torch.nn.Module) -> int:
     return len(blocks) or 1
 
 
-def uses_deepspeed(accelerator: Accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
-
-
-def shards_parameters(accelerator: Accelerator) -> bool:
-    """True under FSDP and DeepSpeed ZeRO-3, where no process holds whole parameters."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.FSDP:
-        return True
-    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
-    return plugin is not None and plugin.zero_stage == 3
-
-
-def sharded_state(accelerator: Accelerator) -> str | None:
-    """What of the training state no single process holds whole, or None (one process, DDP).
-
-    DeepSpeed partitions the optimizer state at ZeRO-1, also the gradients at ZeRO-2 (a process's
-    ``p.grad`` is gone after the backward pass), also the parameters at ZeRO-3.
-    """
-    if shards_parameters(accelerator):
-        return "parameters"
-    if not uses_deepspeed(accelerator):
-        return None
-    return "gradients and optimizer state" if accelerator.state.deepspeed_plugin.zero_stage == 2 else "optimizer state"
-
-
-def engine_name(accelerator: Accelerator) -> str:
-    """How the processes share the work: 'single process', 'DDP (gloo)', 'FSDP2', 'DeepSpeed ZeRO-2'."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.FSDP:
-        return f"FSDP{2 if accelerator.is_fsdp2 else 1}"
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
-    if accelerator.num_processes == 1:
-        return "single process"
-    backend = accelerator.state.backend or "?"
-    return f"DDP ({backend})"
-
-
 @dataclass
 class Session:
     """Everything one optimizer step needs, built once by ``set_up``."""
 
     recipe: Recipe
     task: Task
-    accelerator: Accelerator
-    loss_model: torch.nn.Module  # the task's loss module around the model, as Accelerate prepared it
+    engine: Engine
+    loss_model: torch.nn.Module  # the task's loss module around the model, as the engine prepared it
     model: torch.nn.Module  # the transformers model itself (generation, saving)
     variant: Variant
     optimizer: Any
@@ -300,12 +390,10 @@ class Session:
     collate: Any
     layout: BatchLayout
     steps: int
-    # DeepSpeed takes the optimizer step itself, inside the step's last backward pass.
-    deepspeed: bool = False
     # The adapter's tensors DeepSpeed ZeRO-3 partitioned: gathered whole around the variant's hook.
     partitioned: list[torch.Tensor] = field(default_factory=list)
     # Adapter dropout keys each row by (this, step, example index): its masks follow the example,
-    # whatever the layout (lorafam.adapters.dropout). A phase has its own.
+    # whatever the layout (lorafam.adapters.dropout). A pass has its own.
     dropout_seed: int = 0
 
     def batches(self, step: int) -> list[tuple[dict[str, torch.Tensor], int, list[int]]]:
@@ -313,12 +401,12 @@ class Session:
         number of real (unpadded) tokens and its rows' dropout keys. A process left without
         examples (data smaller than one global batch) still takes part in the step's gradient
         synchronisation, with one example that counts for nothing (tokens -1)."""
-        seed, rank = self.recipe.train.seed, self.accelerator.process_index
+        seed, rank = self.recipe.train.seed, self.engine.process_index
         indices = self.layout.micro_batches(len(self.data.train), seed, step, rank)
         placeholder = not indices
         if placeholder:
             indices = [self.layout.micro_batches(len(self.data.train), seed, step, 0)[0][:1]]
-        device = self.accelerator.device
+        device = self.engine.device
         out = []
         for idx in indices:
             rows = [self.data.train[i] for i in idx]
@@ -330,29 +418,14 @@ class Session:
 
 def set_up(
     recipe: Recipe, model: torch.nn.Module, variant: Variant, tokenizer: Any, data: PreparedData,
-    phase: Phase, steps: int | None, accelerator: Accelerator, console: Console,
+    this: Pass, steps: int | None, engine: Engine, console: Console,
 ) -> Session:
     cfg = recipe.train
     task = get_task(recipe.model.task)
-    layout = layout_of(recipe, accelerator.num_processes)
-    if not phase.is_main:
-        layout = dataclasses.replace(layout, partial_last=True)
-    sharded = sharded_state(accelerator)
-    if sharded and not variant.supports_sharding:
-        raise LorafamError(
-            f"adapter.variant: {variant.name} cannot train with sharded {sharded} ({engine_name(accelerator)}): "
-            f"{variant.sharding_reason}; launch it with data parallelism (configs/ddp.yaml) instead"
-        )
-    deepspeed = uses_deepspeed(accelerator)
-    if deepspeed and phase.is_main and cfg.save_every:
-        raise LorafamError(
-            f"train.save_every: lorafam writes no checkpoints under DeepSpeed ({engine_name(accelerator)}), whose "
-            "optimizer state is partitioned across the processes; unset it (a run then cannot be resumed), or "
-            "launch with configs/ddp.yaml or configs/fsdp2.yaml, which checkpoint and resume"
-        )
-    if steps is None:  # a preparatory phase without a step count makes one pass over its data
-        n = len(data.train)
-        steps = total_steps(recipe, n, layout.processes) if phase.is_main else phase_steps(recipe, n, layout.processes)
+    layout = dataclasses.replace(layout_of(recipe, engine.num_processes), partial_last=this.partial_last)
+    engine.check(recipe, variant, checkpoints_wanted=this.wants_checkpoints(recipe))
+    if steps is None:  # a preparatory pass without a step count makes one pass over its data
+        steps = this.steps(recipe, len(data.train), layout.processes)
     # bitsandbytes would repack 4-bit weights for CPU inference on the first eval pass, after which
     # backward passes no gradient through them (lorafam.quant.keep_training_layout). A no-op walk
     # over the modules when the base is not quantized.
@@ -369,58 +442,15 @@ def set_up(
     if cfg.compile:
         compile_blocks(model)
     optimizer = make_optimizer(variant.param_groups(cfg.lr, cfg.weight_decay), cfg)
-    # A short preparatory phase gets a warmup in proportion, or its first steps would run at lr ~0.
-    warmup = None if phase.is_main else min(cfg.warmup_steps, steps // 10)
-    scheduler = make_scheduler(optimizer, cfg, steps, warmup=warmup)
-    if phase.is_main:
-        console.print(f"engine: {engine_name(accelerator)} on {accelerator.num_processes} process(es)", soft_wrap=True)
-    # The scheduler stays outside Accelerate: prepared, it would step once per process per
-    # optimizer step (it assumes each process's data loader is a shard of one epoch), silently
-    # shortening the schedule under several processes.
-    if deepspeed:
-        configure_deepspeed(accelerator, recipe, layout)
-    loss_model, optimizer = accelerator.prepare(task.loss_module(model), optimizer)
+    scheduler = make_scheduler(optimizer, cfg, steps, warmup=this.warmup(recipe, steps))
+    this.announce(console, engine)
+    loss_model, optimizer = engine.prepare(task.loss_module(model), optimizer, recipe, layout)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     return Session(
-        recipe, task, accelerator, loss_model, model, variant, optimizer, scheduler, trainable, data,
-        make_collator(tokenizer, recipe.model.task), layout, steps, deepspeed,
-        [t for t in variant.live_tensors().values() if is_partitioned(t)], mix(cfg.seed, phase.name),
+        recipe, task, engine, loss_model, model, variant, optimizer, scheduler, trainable, data,
+        make_collator(tokenizer, recipe.model.task), layout, steps,
+        [t for t in variant.live_tensors().values() if is_partitioned(t)], mix(cfg.seed, this.name),
     )
-
-
-def configure_deepspeed(accelerator: Accelerator, recipe: Recipe, layout: BatchLayout) -> None:
-    """Make DeepSpeed's config say what the recipe says, before Accelerate hands it to DeepSpeed.
-
-    The step layout and the clipping are the recipe's: DeepSpeed checks train_batch_size = micro
-    batch x accumulation x processes, and clips inside its own optimizer step. A launch config that
-    sets one of them to another value is refused rather than silently overruled. The optimizer and
-    the lr schedule are the recipe's too, so a DeepSpeed config must not bring its own.
-    """
-    plugin = accelerator.state.deepspeed_plugin
-    config = plugin.deepspeed_config
-    for section in ("optimizer", "scheduler"):
-        if section in config:
-            raise LorafamError(
-                f"the DeepSpeed config has a {section!r} section, but lorafam builds the optimizer and lr "
-                "schedule from the recipe's train: keys; remove that section from the DeepSpeed config"
-            )
-    wanted = {
-        "train_micro_batch_size_per_gpu": (layout.batch_size, "train.batch_size"),
-        "gradient_accumulation_steps": (layout.grad_accum, "train.grad_accum"),
-        "train_batch_size": (layout.global_batch, "global batch (batch_size x grad_accum x processes)"),
-        "gradient_clipping": (recipe.train.max_grad_norm or 0.0, "train.max_grad_norm"),
-    }
-    # What the launch asked for: the plugin's own fields keep it (lorafam only writes the config
-    # dict); the batch sizes can only come from a DeepSpeed config file.
-    launched = {"gradient_accumulation_steps": plugin.gradient_accumulation_steps, "gradient_clipping": plugin.gradient_clipping}
-    for key, (value, source) in wanted.items():
-        given = launched.get(key, config.get(key, "auto"))
-        if given not in ("auto", None) and float(given) != float(value):
-            raise LorafamError(
-                f"the DeepSpeed config sets {key}: {given}, but the recipe's {source} is {value}; lorafam lays "
-                f"out each step from the recipe: remove {key} from the DeepSpeed config (or set it to auto)"
-            )
-        config[key] = value
 
 
 # --------------------------------------------------------------------------------------------------
@@ -441,16 +471,15 @@ def optimizer_step(s: Session, step: int, skip_nonfinite: bool) -> StepOutcome:
 
     With a non-finite loss or gradient the optimizer step is not taken; ``skip_nonfinite`` says
     whether the loop goes on (then the schedules still advance) or stops, leaving the state as it
-    was before this step. Under DeepSpeed the engine clips and steps inside the last backward pass
-    (see ``deepspeed_step``); the outcome is the same.
+    was before this step.
     """
-    accelerator, task = s.accelerator, s.task
+    engine, task = s.engine, s.task
     micro_batches = s.batches(step)
     # Count first: each micro-batch's backward must already know the whole step's denominator.
     local_units = sum(task.label_count(b) for b, tokens, _ in micro_batches if tokens >= 0)
     total_units = float(all_reduce_sum(torch.tensor(float(local_units), dtype=torch.float64)))
     # Every process's gradients are averaged by data parallelism, hence the process count.
-    weight = accelerator.num_processes / total_units if total_units > 0 else 0.0
+    weight = engine.num_processes / total_units if total_units > 0 else 0.0
 
     loss_sum = torch.zeros((), dtype=torch.float64)
     tokens = 0
@@ -458,7 +487,7 @@ def optimizer_step(s: Session, step: int, skip_nonfinite: bool) -> StepOutcome:
         counts = batch_tokens >= 0
         last = i == len(micro_batches) - 1
         # Forward and backward under the rows' keys: a recomputation in backward draws the same masks.
-        with gradient_sync(s, last), accelerator.autocast(), keyed(keys, s.recipe.data.max_length):
+        with engine.micro_batch(s.loss_model, last), engine.autocast(), keyed(keys, s.recipe.data.max_length):
             out = s.loss_model(**batch)
             objective = out["loss_sum"] * (weight if counts else 0.0)
             if counts:
@@ -476,27 +505,11 @@ def optimizer_step(s: Session, step: int, skip_nonfinite: bool) -> StepOutcome:
                 nonfinite = nonfinite_reason(loss, extras_logged, None)
                 if nonfinite and not skip_nonfinite:
                     return StepOutcome(loss, extras_logged, {}, int(totals[1]), nonfinite)
-                if nonfinite and s.deepspeed:
-                    # DeepSpeed discards a step whose gradients are not finite, with everything its
-                    # engine accumulated over the step's micro-batches; that is the only way to
-                    # drop them, so this step's gradients are made NaN on purpose.
-                    objective = objective * float("nan")
-            if s.deepspeed:  # the step's loss is already normalised: the engine must not divide again
-                accelerator.backward(objective, scale_wrt_gas=False)
-            else:
-                accelerator.backward(objective)
+                if nonfinite:
+                    objective = engine.poison(objective)
+            engine.backward(objective)
 
-    if s.deepspeed:
-        nonfinite = deepspeed_step(s, nonfinite)
-    else:
-        grad_norm = None
-        if s.recipe.train.max_grad_norm is not None:
-            grad_norm = accelerator.clip_grad_norm_(s.trainable, s.recipe.train.max_grad_norm)
-        nonfinite = nonfinite or nonfinite_reason(loss, extras_logged, grad_norm)
-        if nonfinite:  # no update from this batch (and no gradients for the hook to read)
-            s.optimizer.zero_grad(set_to_none=True)
-        else:
-            s.optimizer.step()
+    nonfinite = engine.step(s.optimizer, s.loss_model, s.trainable, s.recipe.train.max_grad_norm, nonfinite)
     if nonfinite and not skip_nonfinite:
         return StepOutcome(loss, extras_logged, {}, int(totals[1]), nonfinite)
     # Skipped or not, the schedules advance by a step.
@@ -505,42 +518,6 @@ def optimizer_step(s: Session, step: int, skip_nonfinite: bool) -> StepOutcome:
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
     return StepOutcome(loss, extras_logged, hook_logs, int(totals[1]), nonfinite)
-
-
-@contextmanager
-def gradient_sync(s: Session, last: bool) -> Iterator[None]:
-    """Gradients are synchronised across processes on the step's last micro-batch only.
-
-    DDP and FSDP skip the synchronisation inside ``no_sync``. DeepSpeed reads Accelerate's
-    ``sync_gradients`` flag instead, which also marks where its optimizer step falls: left True, the
-    engine would step after every micro-batch.
-    """
-    s.accelerator.sync_gradients = last
-    try:
-        with nullcontext() if last else s.accelerator.no_sync(s.loss_model):
-            yield
-    finally:
-        s.accelerator.sync_gradients = True  # Accelerate's flag is shared by every later phase and run
-
-
-def deepspeed_step(s: Session, nonfinite: str | None) -> str | None:
-    """What became of the optimizer step DeepSpeed took inside the last backward pass: None when it
-    was applied, else why it was not.
-
-    The engine clips to its gradient_clipping (the recipe's max_grad_norm, see configure_deepspeed)
-    and discards a step whose gradient norm is not finite, with the gradients it accumulated.
-    """
-    discarded = s.optimizer.step_was_skipped
-    grad_norm = s.loss_model.get_global_grad_norm()
-    applied_anyway = not discarded and (nonfinite or (grad_norm is not None and not math.isfinite(float(grad_norm))))
-    if applied_anyway:  # DeepSpeed configured not to check (bf16.check_grad_overflow: false)
-        raise LorafamError(
-            f"{nonfinite or f'gradient norm is {grad_norm}'} at a DeepSpeed step that was applied anyway, so the "
-            "adapter is no longer usable; do not set bf16.check_grad_overflow: false in the DeepSpeed config"
-        )
-    if nonfinite:  # a non-finite loss under train.on_nan: skip, its gradients made NaN on purpose
-        return nonfinite
-    return f"gradient norm is {grad_norm} (DeepSpeed discarded this step's gradients)" if discarded else None
 
 
 def nonfinite_reason(loss: float, extras: dict[str, float], grad_norm: Any) -> str | None:
@@ -565,118 +542,54 @@ def train(
     variant: Variant,
     tokenizer: Any,
     data: PreparedData,
-    run_dir: Path,
+    folder: RunFolder | Path,
     console: Console,
     phase: str = "main",
     steps: int | None = None,
     resume: Checkpoint | None = None,
     precision: Precision | None = None,
-    on_row: Callable[[dict[str, Any]], None] | None = None,
+    on_row: Any = None,
 ) -> TrainResult:
-    """Train ``variant``'s parameters on ``data.train``.
+    """Train ``variant``'s parameters on ``data.train``: set up a pass, run the loop, free the engine.
 
-    ``phase`` other than "main" is a variant's preparatory run (see Variant.prepare): same loop,
-    its own step count, no eval, samples or checkpoints, metrics rows tagged with the phase.
-    ``resume`` continues from a checkpoint (lorafam.checkpoint.find_latest_checkpoint) of this run.
-    ``on_row`` gets every metrics.jsonl row too (experiment trackers).
-    Only the main process writes files; every process runs this function.
+    ``phase`` other than "main" is a variant's preparatory pass (see Variant.prepare): same loop,
+    its own step count (None: one pass over the data), no eval, samples or checkpoints, metrics
+    rows tagged with the phase. ``resume`` continues from a checkpoint of this run
+    (lorafam.checkpoint.find_latest_checkpoint). ``on_row`` gets every metrics row too (experiment
+    trackers). Every process runs this function; only the main one writes ``folder``.
     Raises TrainingInterrupted on SIGINT/SIGTERM and TrainingDiverged on a non-finite loss.
     """
-    cfg = recipe.train
-    this = Phase(phase)
-    accelerator = make_accelerator(precision or choose_precision(cfg.mixed_precision))
-    torch.manual_seed(cfg.seed)
+    engine = Engine.create(precision or choose_precision(recipe.train.mixed_precision))
+    if not isinstance(folder, RunFolder):
+        folder = RunFolder(Path(folder), writes=engine.is_main_process)
+    this = MainPass(folder, tokenizer, resume) if phase == "main" else Pass(phase)
+    torch.manual_seed(recipe.train.seed)
     try:
-        s = set_up(recipe, model, variant, tokenizer, data, this, steps, accelerator, console)
-        return _loop(s, this, tokenizer, run_dir, console, resume, on_row)
+        s = set_up(recipe, model, variant, tokenizer, data, this, steps, engine, console)
+        return fit(s, this, folder, console, on_row)
     finally:
-        accelerator.free_memory()  # drop Accelerate's references: the next phase prepares anew
+        engine.free()  # the next pass prepares anew
 
 
-def _loop(
-    s: Session, phase: Phase, tokenizer: Any, run_dir: Path, console: Console, resume: Checkpoint | None,
-    on_row: Callable[[dict[str, Any]], None] | None,
-) -> TrainResult:
-    cfg, accelerator, steps = s.recipe.train, s.accelerator, s.steps
-    writes = accelerator.is_main_process  # a preparatory phase logs its rows too, tagged with its name
-    first_step, last_checkpoint = 1, None
-    if resume is not None:
-        if s.deepspeed:
-            raise LorafamError(
-                "--resume: lorafam writes no checkpoints under DeepSpeed, so it resumes none; start the run "
-                "over (--overwrite), or resume it where it was written (configs/ddp.yaml, configs/fsdp2.yaml)"
-            )
-        if resume.state.get("total_steps") != steps or resume.state.get("processes", 1) != accelerator.num_processes:
-            raise LorafamError(
-                f"checkpoint {resume.path} was written for {resume.state.get('total_steps')} steps on "
-                f"{resume.state.get('processes', 1)} process(es); this run has {steps} on {accelerator.num_processes}"
-            )
-        load_checkpoint(resume, s.variant, s.optimizer, s.scheduler, model=s.loss_model)
-        first_step, last_checkpoint = resume.step + 1, resume.path
-
-    def run_eval() -> dict[str, float] | None:
-        if s.data.eval is None or not phase.is_main:
-            return None
-        return evaluate(
-            s.loss_model, s.task, s.data.eval, s.collate, cfg.eval_batch_size or cfg.batch_size,
-            cfg.eval_max_batches, eval_autocast(s), accelerator.process_index, accelerator.num_processes,
-        )
-
-    def sample() -> str | None:
-        if not s.task.generates or not cfg.sample_prompt or not phase.is_main:
-            return None
-        with accelerator.autocast():
-            return generate_sample(s.model, tokenizer, cfg.sample_prompt, cfg.sample_max_new_tokens)
-
-    if resume is not None:  # what the summary reports from before the interruption
-        result = TrainResult(
-            steps=steps,
-            eval_before=resume.state.get("eval_before"),
-            eval_after=None,
-            sample_before=resume.state.get("sample_before"),
-            final_train_loss=resume.state.get("final_train_loss"),
-            skipped_steps=resume.state.get("skipped_steps", 0),
-        )
-        console.print(f"resuming from {resume.path} (step {resume.step}/{steps})", soft_wrap=True)
-    else:
-        result = TrainResult(steps=steps, eval_before=run_eval(), eval_after=None, sample_before=sample())
-        if result.eval_before:
-            console.print(f"eval before: {format_metrics(result.eval_before)}")
-        if result.sample_before is not None:
-            console.print(f"sample before: {result.sample_before!r}")
-
-    def checkpoint(step: int) -> Path:
-        state = {
-            "total_steps": steps,
-            "processes": accelerator.num_processes,
-            "global_batch": s.layout.global_batch,
-            "eval_before": result.eval_before,
-            "sample_before": result.sample_before,
-            "final_train_loss": result.final_train_loss,
-            "skipped_steps": result.skipped_steps,
-        }
-        return save_checkpoint(run_dir, step, s.variant, s.optimizer, s.scheduler, state, cfg.keep_last,
-                               model=s.loss_model, writes=accelerator.is_main_process)
-
-    if writes and phase.is_main:  # rows past the checkpoint were logged by steps the resumed run takes again
-        truncate_metrics(run_dir / METRICS, resume.step if resume is not None else 0)
+def fit(s: Session, this: Pass, folder: RunFolder, console: Console, on_row: Any = None) -> TrainResult:
+    """The loop: for each step, the optimizer step, then log, eval, checkpoint; eval after."""
+    cfg, steps = s.recipe.train, s.steps
+    result, first_step = this.begin(s, console)  # eval and sample before, or the resumed state
+    s.loss_model.train()  # (draws nothing from the RNG that begin may have restored)
     progress = make_progress(console, steps)
     task_id = progress.add_task("train", total=steps, completed=first_step - 1, loss=float("nan"), lr=cfg.lr, tps=0.0)
     start, window_tokens, window_steps, window_start = time.perf_counter(), 0, 0, time.perf_counter()
-    s.loss_model.train()
-    if resume is not None:
-        restore_rng(resume)  # last, so nothing between here and the first step draws from it
-    with metrics_log(run_dir / METRICS, writes, on_row) as metrics, progress, (StopRequests() if phase.is_main else nullcontext()) as stop:
+    with folder.metrics(on_row, this.keep_metrics_through()) as metrics, progress, this.stop_requests():
         for step in range(first_step, steps + 1):
             outcome = optimizer_step(s, step, skip_nonfinite=cfg.on_nan == "skip")
             if outcome.nonfinite and cfg.on_nan == "stop":
-                where = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else (
+                where = f"last good checkpoint: {this.last_checkpoint}" if this.last_checkpoint else (
                     "no checkpoint was written yet" + ("" if cfg.save_every else " (train.save_every is not set)")
                 )
                 raise TrainingDiverged(
                     f"{outcome.nonfinite} at step {step}/{steps}; stopped before the optimizer step (train.on_nan: stop); "
                     f"{where}; lower train.lr, check the data, or set train.on_nan: skip",
-                    step, last_checkpoint,
+                    step, this.last_checkpoint,
                 )
             if outcome.nonfinite:
                 result.skipped_steps += 1
@@ -694,36 +607,26 @@ def _loop(
                 row = {"step": step, "loss": None if outcome.nonfinite else outcome.loss, "lr": lr,
                        "tokens_per_s": tokens_per_s, "step_seconds": elapsed / window_steps}
                 row |= {"skipped": True} if outcome.nonfinite else {}
-                row |= {} if phase.is_main else {"phase": phase.name}
-                row |= outcome.extras | outcome.hook_logs
+                row = this.row(row) | outcome.extras | outcome.hook_logs
                 metrics.write(row)
                 result.history.append(row)
                 if not console.is_terminal:
-                    console.print(
-                        f"{'' if phase.is_main else phase.name + ' '}step {step}/{steps}  loss {outcome.loss:.4f}  "
-                        f"lr {lr:.3g}  tok/s {tokens_per_s:.0f}"
-                    )
+                    console.print(f"{this.line_prefix}step {step}/{steps}  loss {outcome.loss:.4f}  lr {lr:.3g}  tok/s {tokens_per_s:.0f}")
                 window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
 
-            # --- eval and checkpoint
+            # --- eval, checkpoint, signals
             if cfg.eval_every and step % cfg.eval_every == 0 and step != steps:
-                evaluated = run_eval()
+                evaluated = this.evaluate(s)
                 if evaluated:
                     metrics.write({"step": step} | {f"eval_{k}": v for k, v in evaluated.items()})
-                    console.print(f"step {step} eval: {format_metrics(evaluated)}")
-            if phase.is_main and cfg.save_every and step % cfg.save_every == 0 and step != steps:
-                last_checkpoint = checkpoint(step)
-            signum = stop.agreed() if stop is not None else None
-            if signum is not None:
-                if not s.deepspeed and (last_checkpoint is None or last_checkpoint.name != checkpoint_name(step)):
-                    last_checkpoint = checkpoint(step)
-                raise TrainingInterrupted(signum, step, last_checkpoint)
+                    console.print(f"step {step} eval: {s.task.format_metrics(evaluated)}")
+            this.after_step(s, step, result)
 
-        result.eval_after = run_eval()
+        result.eval_after = this.evaluate(s)
         if result.eval_after:
             metrics.write({"step": steps} | {f"eval_{k}": v for k, v in result.eval_after.items()})
-            console.print(f"eval after:  {format_metrics(result.eval_after)}")
-    result.sample_after = sample()
+            console.print(f"eval after:  {s.task.format_metrics(result.eval_after)}")
+    result.sample_after = this.sample(s)
     if result.sample_after is not None:
         console.print(f"sample after: {result.sample_after!r}")
     result.seconds = time.perf_counter() - start
@@ -733,59 +636,11 @@ def _loop(
 def eval_autocast(s: Session) -> Any:
     """Eval runs in fp32 unless the recipe asks for the training precision (``train.eval_precision``):
     a bf16 eval moves the loss by as much as the gap between some variants."""
-    return s.accelerator.autocast if s.recipe.train.eval_precision == "train" else nullcontext
+    return s.engine.accelerator.autocast if s.recipe.train.eval_precision == "train" else nullcontext
 
 
 # --------------------------------------------------------------------------------------------------
-# Metrics file and progress
-
-
-class _MetricsLog:
-    def __init__(self, handle: Any, on_row: Callable[[dict[str, Any]], None] | None):
-        self.handle = handle
-        self.on_row = on_row
-
-    def write(self, row: dict[str, Any]) -> None:
-        if self.handle is not None:
-            write_metrics(self.handle, row)
-        if self.on_row is not None:
-            self.on_row(row)
-
-
-@contextmanager
-def metrics_log(path: Path, writes: bool, on_row: Callable[[dict[str, Any]], None] | None = None) -> Iterator[_MetricsLog]:
-    """metrics.jsonl opened for appending (closed on every path out), or no file where this
-    process writes none; every row also goes to ``on_row``."""
-    if not writes:
-        yield _MetricsLog(None, on_row)
-        return
-    with path.open("a") as handle:
-        yield _MetricsLog(handle, on_row)
-
-
-def truncate_metrics(path: Path, through_step: int) -> None:
-    """Drop main-phase rows after ``through_step`` (and a half-written last line); keep phase rows."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # cut short by a kill mid-write
-        if "phase" in row or row.get("step", 0) <= through_step:
-            kept.append(line + "\n")
-    write_text(path, "".join(kept))
-
-
-def write_metrics(handle: Any, row: dict[str, Any]) -> None:
-    handle.write(json.dumps(row) + "\n")
-    handle.flush()
-
-
-def format_metrics(metrics: dict[str, float]) -> str:
-    keys = [k for k in ("loss", "perplexity", "accuracy") if k in metrics]
-    return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys)
+# Progress
 
 
 def make_progress(console: Console, steps: int) -> Progress:

@@ -55,7 +55,7 @@ def main() -> None:
         tensors |= {f"buffer/{name}": b for name, b in variant.model.named_buffers() if "base_layer" not in name}
         name = Path(recipe).stem
         save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, out / f"{name}-rank{rank()}.safetensors")
-        facts = {"world_size": world_size(), "report": variant.report(), "prepare": result.info.get("prepare"),
+        facts = {"world_size": world_size(), "report": variant.report(), "prepare": result.info.prepare,
                  "state_after_each_step": digests[:]}
         digests.clear()
         (out / f"{name}-rank{rank()}.json").write_text(json.dumps(facts, indent=1))

@@ -246,5 +246,5 @@ def test_two_runs_in_one_process_may_use_different_precisions(trained, tmp_path)
     for name, precision in (("fp32", "no"), ("bf16", "bf16"), ("again", "no")):
         recipe = write_recipe(tmp_path / f"{name}.yaml", root / "model", root / "train.jsonl", tmp_path / name,
                               train={"max_steps": 2, "save_every": None, "mixed_precision": precision})
-        precisions.append(api.train(recipe).info["precision"]["mixed_precision"])
+        precisions.append(api.train(recipe).info.precision["mixed_precision"])
     assert precisions == ["no", "bf16", "no"]

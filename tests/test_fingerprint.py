@@ -40,9 +40,9 @@ RECORD = HERE / "fingerprints"
 #: Variants resumed after a SIGKILL: plain LoRA, one with state carried across steps (AdaLoRA's
 #: score EMAs and masks) and one with a prepare phase recorded in run.json (LoRA-drop).
 RESUMED = ("lora", "adalora", "lora_drop")
-#: run.json keys that vary from run to run by nature.
 #: LoRA-drop at a threshold that makes it share a pair (at its default all four layers keep their own).
 ADAPTER_KEYS = {"lora_drop": {"threshold": 0.5}}
+#: run.json keys that vary from run to run by nature.
 UNSTABLE_INFO = {"seconds", "peak_memory", "resumed_from"}
 UNSTABLE_ROW = {"tokens_per_s", "step_seconds"}
 

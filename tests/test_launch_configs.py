@@ -25,7 +25,8 @@ from lorafam.errors import LorafamError
 from lorafam.hardware import launched_engine, process_group
 from lorafam.quant import bnb_config, check_sharded_storage
 from lorafam.recipe import ModelConfig, load_recipe
-from lorafam.trainer import configure_deepspeed, layout_of
+from lorafam.engine import configure_deepspeed
+from lorafam.trainer import layout_of
 
 ROOT = Path(__file__).parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -33,7 +33,7 @@ from tinyrun import (
     write_recipe,
 )
 
-import lorafam.trainer as trainer
+import lorafam.run as run_folder
 from lorafam.adapters import VARIANTS
 from lorafam.checkpoint import MANIFEST, OPTIMIZER_STATE, find_latest_checkpoint, verify_checkpoint
 from lorafam.optim import make_optimizer, make_scheduler
@@ -79,14 +79,14 @@ def assert_same_adapter(run_dir: Path, expected: dict[str, torch.Tensor]) -> Non
 
 def signal_at(monkeypatch, step: int, signum: int) -> None:
     """Deliver ``signum`` to this process while the loop logs ``step`` (mid-step, before its checkpoint)."""
-    original = trainer.write_metrics
+    original = run_folder.write_metrics
 
     def write_metrics(handle, row):
         original(handle, row)
         if row.get("step") == step and "loss" in row and "phase" not in row:
             os.kill(os.getpid(), signum)
 
-    monkeypatch.setattr(trainer, "write_metrics", write_metrics)
+    monkeypatch.setattr(run_folder, "write_metrics", write_metrics)
 
 
 def one_line(text: str) -> str:
@@ -189,9 +189,9 @@ def test_resume_with_grad_accum_across_an_epoch_boundary_matches_uninterrupted_r
 HELD_CLI = """
 import os, signal, sys, time
 from pathlib import Path
-import lorafam.trainer as trainer
+import lorafam.run as run_folder
 
-write, hold, folder = trainer.write_metrics, int(os.environ["LORAFAM_TEST_HOLD_STEP"]), Path(os.environ["HOLD_DIR"])
+write, hold, folder = run_folder.write_metrics, int(os.environ["LORAFAM_TEST_HOLD_STEP"]), Path(os.environ["HOLD_DIR"])
 
 def write_then_hold(handle, row):
     write(handle, row)
@@ -204,7 +204,7 @@ def write_then_hold(handle, row):
             (folder / "signalled").touch()
         time.sleep(0.02)
 
-trainer.write_metrics = write_then_hold
+run_folder.write_metrics = write_then_hold
 from lorafam.cli import main
 sys.argv[0] = "lorafam"
 main()

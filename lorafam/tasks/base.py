@@ -104,6 +104,13 @@ class Task:
             return {"loss": float("nan")}
         return {"loss": loss_sum / count, self.count_name: count}
 
+    #: The metrics printed after an eval, in this order (``metrics`` may hold more).
+    shown_metrics: ClassVar[tuple[str, ...]] = ("loss",)
+
+    def format_metrics(self, metrics: dict[str, float]) -> str:
+        """One line for the console, e.g. 'loss 1.4884  perplexity 4.4300'."""
+        return "  ".join(f"{k} {metrics[k]:.4f}" for k in self.shown_metrics if k in metrics)
+
     @staticmethod
     def perplexity(loss: float) -> float:
         return math.exp(min(loss, 50.0))

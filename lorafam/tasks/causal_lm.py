@@ -36,6 +36,7 @@ class CausalLM(Task):
     token_labels = True
     auto_class_name = "AutoModelForCausalLM"
     count_name = "tokens"
+    shown_metrics = ("loss", "perplexity")
     generates = True
     pipeline_tag = "text-generation"
 

@@ -22,6 +22,7 @@ class SequenceClassification(Task):
     token_labels = False
     auto_class_name = "AutoModelForSequenceClassification"
     count_name = "examples"
+    shown_metrics = ("loss", "accuracy")
     sized_head = True
     pipeline_tag = "text-classification"
 
