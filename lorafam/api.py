@@ -195,13 +195,12 @@ def evaluate(target: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     """
     from accelerate import Accelerator
 
-    from lorafam.data import make_collator, prepare_data
+    from lorafam.data import prepare_data
     from lorafam.evaluate import evaluate as run_eval
     from lorafam.hardware import choose_precision, use_cpu
     from lorafam.merge import load_adapted
     from lorafam.modeling import load_model, load_tokenizer
     from lorafam.run import is_run_folder, open_run
-    from lorafam.tasks import get_task
 
     target = Path(target)
     # A folder, or a missing path that is no YAML file, was meant as a run folder: open_run says what is wrong.
@@ -226,10 +225,10 @@ def evaluate(target: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     accelerator = Accelerator(mixed_precision=precision.mixed_precision, cpu=use_cpu())
     if next(model.parameters()).device != accelerator.device:  # (4-bit models refuse .to)
         model = model.to(accelerator.device)
-    task = get_task(spec.model.task)
+    task = spec.task
     in_train_precision = spec.train.eval_precision == "train"
     metrics = run_eval(
-        task.loss_module(model), task, data.eval, make_collator(tokenizer, spec.model.task),
+        task.loss_module(model), task, data.eval, task.collator(tokenizer),
         spec.train.eval_batch_size or spec.train.batch_size, spec.train.eval_max_batches,
         accelerator.autocast if in_train_precision else nullcontext,
     )

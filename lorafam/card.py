@@ -23,7 +23,6 @@ import yaml
 
 from lorafam.adapters import VARIANTS
 from lorafam.quant import compute_dtype
-from lorafam.tasks import get_task
 
 if TYPE_CHECKING:
     from lorafam.recipe import Recipe
@@ -100,7 +99,7 @@ def front_matter(run: LoadedRun, kind: Kind) -> dict[str, Any]:
         data["base_model"] = base
         data["base_model_relation"] = "adapter" if kind == "adapter" else "finetune"
     data["library_name"] = LIBRARY[kind]
-    data["pipeline_tag"] = get_task(recipe.model.task).pipeline_tag
+    data["pipeline_tag"] = recipe.task.pipeline_tag
     data["tags"] = tags
     datasets = [d for d in {dataset_id(recipe.data.train), recipe.data.eval and dataset_id(recipe.data.eval)} if d]
     if datasets:
@@ -180,7 +179,7 @@ def _peft_loadable(run: LoadedRun) -> bool:
 
 
 def _usage(run: LoadedRun, kind: Kind, base: str, details: dict[str, Any]) -> list[str]:
-    auto = get_task(run.recipe.model.task).auto_class_name
+    auto = run.recipe.task.auto_class_name
     if kind == "adapter":
         lines = []
         if _peft_loadable(run):

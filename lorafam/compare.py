@@ -124,21 +124,20 @@ def merge_check(run_dir: Path) -> dict[str, Any]:
     """Merge the run's adapter in memory, time it, and evaluate both: they must agree."""
     import torch
 
-    from lorafam.data import make_collator, prepare_data
+    from lorafam.data import prepare_data
     from lorafam.evaluate import evaluate
     from lorafam.merge import load_adapted
     from lorafam.modeling import load_tokenizer
     from lorafam.run import open_run
-    from lorafam.tasks import get_task
 
     run = open_run(run_dir)
-    spec, task = run.recipe, get_task(run.recipe.model.task)
+    spec, task = run.recipe, run.recipe.task
     tokenizer = load_tokenizer(spec.model)
     data = prepare_data(spec.data, tokenizer, spec.model.task, spec.train.seed, run.label_names)
     if data.eval is None:
         return {"merge_seconds": None, "merged_eval_equal": None}
     model, variant = load_adapted(run)
-    collate = make_collator(tokenizer, spec.model.task)
+    collate = task.collator(tokenizer)
     batch_size = spec.train.eval_batch_size or spec.train.batch_size
 
     def score(m: torch.nn.Module) -> dict[str, float]:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lorafam.adapters import VARIANTS
 from lorafam.data.formats import FORMATS, packing_refusal
 from lorafam.errors import LorafamError
-from lorafam.tasks import TASKS
+from lorafam.tasks import TASKS, Task
 from lorafam.tracking import TRACKERS
 
 
@@ -173,6 +173,11 @@ class Recipe(Section):
                 f"pick a variant that supports a quantized base: {able}"
             )
         return self
+
+    @property
+    def task(self) -> Task:
+        """The task object ``model.task`` names (lorafam.tasks): what a batch holds, its loss and metrics."""
+        return TASKS[self.model.task]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -39,7 +39,6 @@ from safetensors.torch import load_file, save_file
 from lorafam.adapters import Variant, build_variant
 from lorafam.errors import LorafamError
 from lorafam.recipe import ModelConfig, Recipe, load_recipe
-from lorafam.tasks import get_task
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -157,7 +156,7 @@ def save_adapter(folder: Path, variant: Variant, recipe: Recipe, writes: bool = 
     if not writes:
         return
     save_tensors(folder / ADAPTER_WEIGHTS, tensors)
-    config = variant.peft_config(recipe.model.name, get_task(recipe.model.task).peft_task_type)
+    config = variant.peft_config(recipe.model.name, recipe.task.peft_task_type)
     write_json(folder / ADAPTER_CONFIG, config)
 
 

@@ -59,9 +59,15 @@ class Trackers:
         check_installed(names)
         from accelerate import Accelerator
 
+        from accelerate.state import AcceleratorState
+
         from lorafam.hardware import process_group
 
         cpu, _ = process_group()
+        # Accelerate refuses a second Accelerator with another precision in one process: an earlier
+        # run's (the Python API, a notebook, a test process) is dropped, as the training's own
+        # Engine does (the process group is kept).
+        AcceleratorState._reset_state(reset_partial_state=False)
         # The same precision and device as the training's own Accelerator: they share one state.
         self.accelerator = Accelerator(
             log_with=list(names), project_dir=str(run_dir / "trackers"), mixed_precision=mixed_precision, cpu=cpu

@@ -45,7 +45,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from lorafam.adapters import Variant
 from lorafam.adapters.dropout import keyed, mix
 from lorafam.checkpoint import Checkpoint, checkpoint_name, load_checkpoint, restore_rng
-from lorafam.data import PreparedData, check_packing_support, make_collator
+from lorafam.data import PreparedData, check_packing_support
 from lorafam.distributed import all_reduce_max, all_reduce_sum, gathered, is_partitioned
 from lorafam.engine import Engine
 from lorafam.errors import LorafamError
@@ -55,7 +55,7 @@ from lorafam.optim import make_optimizer, make_scheduler
 from lorafam.quant import keep_training_layout
 from lorafam.recipe import Recipe
 from lorafam.run import RunFolder
-from lorafam.tasks import Task, get_task
+from lorafam.tasks import Task
 
 
 @dataclass
@@ -421,7 +421,7 @@ def set_up(
     this: Pass, steps: int | None, engine: Engine, console: Console,
 ) -> Session:
     cfg = recipe.train
-    task = get_task(recipe.model.task)
+    task = recipe.task
     layout = dataclasses.replace(layout_of(recipe, engine.num_processes), partial_last=this.partial_last)
     engine.check(recipe, variant, checkpoints_wanted=this.wants_checkpoints(recipe))
     if steps is None:  # a preparatory pass without a step count makes one pass over its data
@@ -448,7 +448,7 @@ def set_up(
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     return Session(
         recipe, task, engine, loss_model, model, variant, optimizer, scheduler, trainable, data,
-        make_collator(tokenizer, recipe.model.task), layout, steps,
+        task.collator(tokenizer), layout, steps,
         [t for t in variant.live_tensors().values() if is_partitioned(t)], mix(cfg.seed, this.name),
     )
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from lorafam.adapters import VARIANTS
 from lorafam.card import model_card, write_model_card
 from lorafam.recipe import validate_recipe
-from lorafam.run import LoadedRun
+from lorafam.run import LoadedRun, RunInfo
 
 INFO = {
     "trainable_params": 1234,
@@ -33,7 +33,7 @@ def loaded(tmp_path, model: str = "smollm2-135m", train: str = "chatterbot-engli
         "data": {"train": train},
         "output_dir": str(tmp_path),
     })
-    return LoadedRun(recipe=recipe, info=dict(INFO), folder=tmp_path)
+    return LoadedRun(recipe=recipe, info=RunInfo(**INFO), folder=tmp_path)
 
 
 def card_data(path):

@@ -10,7 +10,8 @@ Flow, one module per step:
   drop to ``max_length``.
 - ``packing``: with ``data.packing``, several examples per training row.
 - ``prepare``: ``prepare_data`` runs the steps above and counts what it left out.
-- ``collate``: ``make_collator`` pads rows into tensors.
+- ``collate``: ``make_collator``, the task's collator (lorafam.tasks.base.Task.collator), pads rows
+  into tensors.
 
 Adding a format: one file in ``formats/`` and one line in ``formats/__init__.py``.
 

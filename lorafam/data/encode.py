@@ -10,11 +10,10 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from lorafam.data.rows import EMPTY, TOO_LONG, Segments, Skip
+from lorafam.tasks.base import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from lorafam.data.formats.base import Format
-
-IGNORE_INDEX = -100  # labels with this value carry no loss (PyTorch's cross-entropy default)
 
 
 def special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:

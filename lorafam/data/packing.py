@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from lorafam.data.encode import IGNORE_INDEX
+from lorafam.tasks.base import IGNORE_INDEX
 from lorafam.errors import LorafamError
 
 PACKED_COLUMNS = ("input_ids", "labels", "position_ids")

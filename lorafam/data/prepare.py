@@ -14,6 +14,7 @@ from lorafam.data.formats import FORMATS, check_columns, packing_refusal, resolv
 from lorafam.data.packing import PackingReport, pack
 from lorafam.data.sources import load_source
 from lorafam.errors import LorafamError
+from lorafam.tasks import get_task
 
 if TYPE_CHECKING:
     from lorafam.recipe import DataConfig
@@ -72,7 +73,8 @@ def prepare_data(
 
         fmt = fmt_class(tokenizer)
         counts: Counter = Counter()
-        train = _encode(train_raw, fmt.encoder(cfg, label_names, "data.train"), counts, f"train-{cfg!r}")
+        features = get_task(task).row_features()
+        train = _encode(train_raw, fmt.encoder(cfg, label_names, "data.train"), features, counts, f"train-{cfg!r}")
         if len(train) == 0:
             raise LorafamError(
                 f"data.train: no usable rows in {cfg.train} ({counts['read']} read: {_describe(counts)}); "
@@ -81,7 +83,7 @@ def prepare_data(
         eval_data = None
         if eval_raw is not None:
             eval_counts: Counter = Counter()
-            eval_data = _encode(eval_raw, fmt.encoder(cfg, label_names, "data.eval"), eval_counts, f"eval-{cfg!r}")
+            eval_data = _encode(eval_raw, fmt.encoder(cfg, label_names, "data.eval"), features, eval_counts, f"eval-{cfg!r}")
             if len(eval_data) == 0:
                 if cfg.eval is not None:
                     raise LorafamError(
@@ -105,19 +107,7 @@ def prepare_data(
     )
 
 
-def _features(labels_per_token: bool) -> datasets.Features:
-    sequence = getattr(datasets, "List", None) or datasets.Sequence  # List is datasets >= 4
-    ids = sequence(datasets.Value("int64"))
-    return datasets.Features(
-        {
-            "input_ids": ids,
-            "attention_mask": sequence(datasets.Value("int8")),
-            "labels": ids if labels_per_token else datasets.Value("int64"),
-        }
-    )
-
-
-def _encode(raw: datasets.Dataset, encoder, counts: Counter, tag: str) -> datasets.Dataset:
+def _encode(raw: datasets.Dataset, encoder, features: datasets.Features, counts: Counter, tag: str) -> datasets.Dataset:
     counts["read"] += len(raw)
     # The counts come from running the function, so results must never come from the map cache;
     # an explicit fingerprint also spares datasets from hashing the tokenizer.
@@ -128,7 +118,7 @@ def _encode(raw: datasets.Dataset, encoder, counts: Counter, tag: str) -> datase
         batch_size=1000,
         remove_columns=raw.column_names,
         fn_kwargs={"counts": counts},
-        features=_features(encoder.labels_per_token),
+        features=features,
         load_from_cache_file=False,
         keep_in_memory=True,
         new_fingerprint=fingerprint,

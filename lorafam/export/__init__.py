@@ -54,14 +54,13 @@ def export_run(run_dir: str | Path, output: str | Path, fmt: str = "gguf", quant
     from lorafam.merge import merged_model
     from lorafam.modeling import load_config, load_tokenizer
     from lorafam.run import open_run
-    from lorafam.tasks import get_task
 
     if fmt not in FORMATS:
         raise LorafamError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if quant not in QUANT_TYPES:
         raise LorafamError(f"--quant {quant!r}: choose one of {', '.join(QUANT_TYPES)}")
     run = open_run(run_dir)
-    if not get_task(run.recipe.model.task).generates:
+    if not run.recipe.task.generates:
         raise LorafamError(f"GGUF export is for causal language models; this run is {run.recipe.model.task}")
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):

@@ -11,16 +11,25 @@ run folders ask the task:
   over a batch's label units and their count, so the trainer can normalise a whole optimizer step
   (every micro-batch on every process) by the step's total count;
 * ``label_count``: the label units of a batch, counted before any forward pass;
-* ``metrics``: eval sums -> the numbers users see.
+* ``collator``: prepared rows -> the padded tensors of one batch (the batch contract);
+* ``metrics`` / ``format_metrics``: eval sums -> the numbers users see, and their console line;
+* ``probe_logits``: the logits a merge check compares.
+
+A data format names the task its rows are for (``Format.task``); a recipe resolves its task once
+(``Recipe.task``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+#: Labels with this value carry no loss (PyTorch's cross-entropy default).
+IGNORE_INDEX = -100
 
 
 class TaskLossModule(nn.Module):
@@ -103,6 +112,67 @@ class Task:
         if count == 0:
             return {"loss": float("nan")}
         return {"loss": loss_sum / count, self.count_name: count}
+
+    def row_features(self) -> Any:
+        """The columns of a prepared row (``datasets.Features``), which every format's encoder of this
+        task produces: token ids, the attention mask, and the labels (per token, or one per row)."""
+        import datasets  # here: the task registry is imported by every recipe load
+
+        sequence = getattr(datasets, "List", None) or datasets.Sequence  # List is datasets >= 4
+        ids = sequence(datasets.Value("int64"))
+        return datasets.Features({
+            "input_ids": ids,
+            "attention_mask": sequence(datasets.Value("int8")),
+            "labels": ids if self.token_labels else datasets.Value("int64"),
+        })
+
+    def collator(self, tokenizer: Any) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+        """A collate function that pads each batch to its longest row.
+
+        Padding goes on the right whatever ``tokenizer.padding_side`` says: left padding shifts the
+        position ids of causal LMs during training.
+
+        Plain rows give ``input_ids``, ``attention_mask`` and ``labels`` (per token, padded with
+        IGNORE_INDEX, where ``token_labels``; else one per row). Packed rows (they carry
+        ``position_ids``; see lorafam.data.packing) give ``input_ids``, ``labels`` and
+        ``position_ids`` and no ``attention_mask``: the model finds the examples from the restarting
+        position ids, which it does only without a mask (and with ``use_cache=False``). The padding
+        of a packed row gets position ids 0, 1, 2, ... so the model sees it as one more sequence of
+        its own: it neither attends into the row's last example nor is attended to, and its labels
+        carry no loss.
+        """
+        pad_id = tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        token_labels = self.token_labels
+
+        def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+            longest = max(len(e["input_ids"]) for e in examples)
+
+            def padded(key: str, value: int) -> torch.Tensor:
+                rows = [list(map(int, e[key])) for e in examples]
+                return torch.tensor([r + [value] * (longest - len(r)) for r in rows], dtype=torch.long)
+
+            if "position_ids" in examples[0]:
+                positions = [list(map(int, e["position_ids"])) for e in examples]
+                return {
+                    "input_ids": padded("input_ids", pad_id),
+                    "labels": padded("labels", IGNORE_INDEX),
+                    "position_ids": torch.tensor([p + list(range(longest - len(p))) for p in positions], dtype=torch.long),
+                }
+            batch = {"input_ids": padded("input_ids", pad_id), "attention_mask": padded("attention_mask", 0)}
+            if token_labels:
+                batch["labels"] = padded("labels", IGNORE_INDEX)
+            else:
+                batch["labels"] = torch.tensor([int(e["labels"]) for e in examples], dtype=torch.long)
+            return batch
+
+        return collate
+
+    def probe_logits(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The logits a merge check compares: a token-labelled model's only at real tokens (pad
+        positions are never used)."""
+        return logits[batch["attention_mask"].bool()] if self.token_labels else logits
 
     #: The metrics printed after an eval, in this order (``metrics`` may hold more).
     shown_metrics: ClassVar[tuple[str, ...]] = ("loss",)

@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lorafam.tasks.base import LossOutput, Task, TaskLossModule
+from lorafam.tasks.base import IGNORE_INDEX, LossOutput, Task, TaskLossModule
 
-IGNORE_INDEX = -100
 #: Logit elements per chunk of the head + cross-entropy (2^25 fp32 = 128 MiB); e.g. 682 positions
 #: of a 49k vocabulary.
 CHUNK_ELEMENTS = 1 << 25
