@@ -290,21 +290,10 @@ def write_json(path: Path, obj: Any) -> Path:
 
 
 def variants_with_factors() -> list[str]:
-    """Names of the registered variants whose layers have a low-rank pair (``low_rank_factors``).
-
-    Asked of each variant itself, on a one-layer toy model, so no list of names is kept here.
-    """
-    from torch import nn
-
+    """Names of the registered variants whose layers have a low-rank pair (``Variant.has_low_rank_factors``)."""
     from lorafam.adapters import VARIANTS
 
-    names = []
-    for name, cls in VARIANTS.items():
-        toy = nn.Sequential(nn.Linear(4, 4))
-        variant = cls(cls.Config(variant=name, r=2, target_modules=["0"])).apply(toy)
-        if all(layer.low_rank_factors() is not None for layer in variant.layers.values()):
-            names.append(name)
-    return names
+    return [name for name, cls in VARIANTS.items() if cls.has_low_rank_factors]
 
 
 def adapter_rank(adapted: AdaptedRun, path: str) -> int:
@@ -593,10 +582,10 @@ def amplification(run_dir: Path, *, module: str | None, layer: int | None, outpu
 
 
 def variants_with_artifacts() -> list[str]:
-    """Names of the registered variants that draw what they decided (override ``write_artifacts``)."""
-    from lorafam.adapters import VARIANTS, Variant
+    """Names of the registered variants that draw what they decided (``Variant.draws_artifacts``)."""
+    from lorafam.adapters import VARIANTS
 
-    return [name for name, cls in VARIANTS.items() if cls.write_artifacts is not Variant.write_artifacts]
+    return [name for name, cls in VARIANTS.items() if cls.draws_artifacts]
 
 
 def ranks(run_dir: Path, *, output: Path | None) -> Result:

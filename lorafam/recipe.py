@@ -162,9 +162,7 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":
-        check = getattr(self.adapter, "check_recipe", None)
-        if check is not None:
-            check(self)
+        self.adapter.check_recipe(self)
         if self.data.packing and (refusal := packing_refusal(self.data.format, self.model.task)):
             raise ValueError(refusal)
         variant = VARIANTS[self.adapter.variant]

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -39,6 +40,36 @@ CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test runs torch on one thread: a 20k-parameter model is fastest on one, and on a busy
+    2-core box two threads spinning against each other make each run ~10x slower. Progress bars off
+    so stderr holds exactly the lines the tests check."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    transformers.utils.logging.disable_progress_bar()
+    yield
+    torch.set_num_threads(threads)
+    transformers.utils.logging.enable_progress_bar()
+
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory) -> Path:
+    """The training file of ``assets``: tinyrun's 64 lines of text. A module whose runs need other data
+    overrides this fixture (test_distributed.py: chat pairs)."""
+    from tinyrun import make_text_data  # tinyrun imports from this module: import it when both exist
+
+    return make_text_data(tmp_path_factory.mktemp("data") / "train.jsonl")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, train_data) -> tuple[Path, Path]:
+    """(model folder, training data) for runs of the real CLI: tinyrun's tiny Llama, once per module."""
+    from tinyrun import make_model_folder
+
+    return make_model_folder(tmp_path_factory.mktemp("assets") / "model"), train_data
 
 
 def package_dir(name: str) -> Path:

@@ -30,7 +30,7 @@ from lorafam.analyze import (
 )
 from lorafam.recipe import validate_recipe
 from lorafam.run import adapt
-from tinyrun import adapter_section, cli, make_model_folder, make_text_data, one_thread, write_recipe  # noqa: F401
+from tinyrun import adapter_section, cli, make_model_folder, make_text_data, write_recipe
 
 PREFIX = "base_model.model."
 LAYERS = [f"model.layers.{i}.self_attn.{m}" for i in (0, 1) for m in ("q_proj", "v_proj")]

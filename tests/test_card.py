@@ -9,7 +9,6 @@ import peft
 import pytest
 from huggingface_hub import ModelCard
 from tinyrun import adapter_section, cli, make_model_folder, make_text_data, write_recipe
-from tinyrun import one_thread  # noqa: F401  (an autouse fixture, active where imported)
 from transformers import AutoModelForCausalLM
 
 from lorafam.adapters import VARIANTS

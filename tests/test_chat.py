@@ -5,21 +5,17 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_llama_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from typer.testing import CliRunner
 
 from lorafam.adapters import VARIANTS, AdapterLayer
-from lorafam.cli import app
 from lorafam.recipe import validate_recipe
 from lorafam.run import adapt
-from tinyrun import adapter_section, cli, cli_env, make_model_folder, make_text_data, one_thread, write_recipe  # noqa: F401
+from tinyrun import adapter_section, cli, cli_subprocess, make_model_folder, make_text_data, write_recipe
 
 PROMPT = "the quick brown fox"
 NEW = 8
@@ -78,11 +74,6 @@ def peft_adapted(setup, run: str):
 
     base = AutoModelForCausalLM.from_pretrained(setup["model"])
     return PeftModel.from_pretrained(base, setup[run]).eval(), AutoTokenizer.from_pretrained(setup[run])
-
-
-def run_cli(*args, input: str | None = None):
-    """`lorafam ARGS` in this process with ``input`` as stdin (a pipe, not a terminal)."""
-    return CliRunner().invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
 
 
 def json_rows(output: str) -> list[dict]:
@@ -191,11 +182,8 @@ def test_generate_bad_input_is_one_line_exit_2(setup, args, message):
 def test_chat_through_stdin_streams_turns_resets_and_exits(setup):
     """A real process reading a real stdin pipe: two turns, /reset, the first turn again, /exit."""
     stdin = f"{PROMPT}\nsat on the mat\n/reset\n{PROMPT}\n/exit\nnever answered\n"
-    proc = subprocess.run(
-        [sys.executable, "-m", "lorafam", "chat", str(setup["lora"]), "--temperature", "0",
-         "--max-new-tokens", str(NEW), "--show-prompt"],
-        input=stdin, capture_output=True, text=True, env=cli_env(), timeout=300,
-    )
+    proc = cli_subprocess("chat", setup["lora"], "--temperature", "0", "--max-new-tokens", NEW, "--show-prompt",
+                          input=stdin)
     assert proc.returncode == 0, proc.stderr
     model, tokenizer = peft_adapted(setup, "lora")
     first = [{"role": "user", "content": PROMPT}]
@@ -210,7 +198,7 @@ def test_chat_through_stdin_streams_turns_resets_and_exits(setup):
 
 
 def test_chat_ends_cleanly_at_end_of_input_and_explains_unknown_commands(setup):
-    result = run_cli("chat", setup["lora"], "--temperature", "0", "--max-new-tokens", NEW, input=f"/help\n\n{PROMPT}\n")
+    result = cli("chat", setup["lora"], "--temperature", "0", "--max-new-tokens", NEW, input=f"/help\n\n{PROMPT}\n")
     assert result.exit_code == 0, result.output
     assert "unknown command /help; /reset clears the conversation" in result.output
     expected, _, _ = reference_generate(*peft_adapted(setup, "lora"), [{"role": "user", "content": PROMPT}])
@@ -224,7 +212,7 @@ def test_answers_stop_at_the_models_context_and_an_overlong_message_is_skipped(s
     prompt_length = reference_generate(*plain_base(setup), [{"role": "user", "content": PROMPT}], max_new_tokens=1)[2]
     assert json_rows(result.output)[0]["new_tokens"] == 256 - prompt_length
     long_message = " ".join(["fox"] * 300)
-    result = run_cli("chat", setup["model"], "--temperature", "0", "--max-new-tokens", NEW, "--show-prompt",
+    result = cli("chat", setup["model"], "--temperature", "0", "--max-new-tokens", NEW, "--show-prompt",
                      input=f"{long_message}\n{PROMPT}\n")
     assert result.exit_code == 0, result.output
     assert "and the model's context 256; shorten it; that message is left out of the conversation" in result.output
@@ -233,7 +221,7 @@ def test_answers_stop_at_the_models_context_and_an_overlong_message_is_skipped(s
 
 
 def test_chat_system_message_goes_first(setup):
-    result = run_cli("chat", setup["model"], "--temperature", "0", "--max-new-tokens", NEW, "--system", "be brief",
+    result = cli("chat", setup["model"], "--temperature", "0", "--max-new-tokens", NEW, "--system", "be brief",
                  input=f"{PROMPT}\n")
     assert result.exit_code == 0, result.output
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": PROMPT}]
@@ -243,7 +231,7 @@ def test_chat_system_message_goes_first(setup):
 
 def test_chat_needs_a_chat_template(tmp_path):
     folder = make_model_folder(tmp_path / "plain", chat_template=False)  # word-level tokenizer, no template
-    result = run_cli("chat", folder, input="hello\n")
+    result = cli("chat", folder, input="hello\n")
     assert result.exit_code == 2
     assert result.output.startswith("error: ") and result.output.count("\n") == 1
     assert "has no chat template" in result.output and "lorafam generate" in result.output
@@ -275,7 +263,7 @@ def test_chat_and_generate_on_a_qlora_run(tmp_path, gpt2_tokenizer, repacking_cp
     raw = recipe.read_text().replace(f"name: {model}", f"name: {model}\n  quantization: nf4")
     recipe.write_text(raw)
     assert cli("train", recipe).exit_code == 0
-    result = run_cli("chat", tmp_path / "run", "--temperature", "0", "--max-new-tokens", "5", input=f"{PROMPT}\n/exit\n")
+    result = cli("chat", tmp_path / "run", "--temperature", "0", "--max-new-tokens", "5", input=f"{PROMPT}\n/exit\n")
     assert result.exit_code == 0, result.output
     reference, variant = load_adapted(open_run(tmp_path / "run"))
     expected, _, _ = reference_generate(reference, AutoTokenizer.from_pretrained(tmp_path / "run"),

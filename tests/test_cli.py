@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tinyrun import one_thread  # noqa: F401  (an autouse fixture, active where imported)
 from tinyrun import cli, cli_env, cli_subprocess, make_model_folder, make_text_data, read_metrics, write_recipe
 from transformers import AutoModelForCausalLM
 
@@ -77,8 +74,7 @@ def test_help_lists_exactly_the_commands_the_readme_documents():
 
 
 def test_python_dash_m_lorafam_works():
-    result = subprocess.run([sys.executable, "-m", "lorafam", "--help"], capture_output=True, text=True,
-                            env=cli_env() | {"COLUMNS": "120"})
+    result = cli_subprocess("--help", env=cli_env() | {"COLUMNS": "120"})
     assert result.returncode == 0, result.stderr
     assert "Usage: python -m lorafam [OPTIONS] COMMAND" in result.stdout
     assert sorted(help_commands(result.stdout)) == sorted(readme_commands())

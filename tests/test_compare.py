@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tinyrun import one_thread  # noqa: F401  (an autouse fixture, active where imported)
 from tinyrun import cli, make_model_folder, make_text_data, read_metrics, write_recipe
 
 from lorafam.compare import FILES

@@ -12,8 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from tinyrun import one_thread  # noqa: F401  (an autouse fixture, active where imported)
-from tinyrun import adapter_section, cli, make_model_folder, make_text_data, read_metrics, write_recipe
+from tinyrun import adapter_section, cli, read_metrics, write_recipe
 
 from lorafam.adapters import VARIANTS
 from lorafam.adapters.dropout import AdapterDropout, keyed
@@ -28,12 +27,6 @@ def aot_eager(monkeypatch):
     torch._dynamo.utils.counters.clear()
     yield
     torch._dynamo.reset()
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("compile")
-    return make_model_folder(root / "model"), make_text_data(root / "train.jsonl")
 
 
 def run(tmp_path, assets, variant: str, compile: bool, dropout: float = 0.0, name: str | None = None, **train):

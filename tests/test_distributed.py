@@ -22,8 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from deepspeed_worker import nan_loss
-from tinyrun import one_thread  # noqa: F401  (an autouse fixture, active where imported)
-from tinyrun import adapter_section, cli, cli_env, make_chat_data, make_model_folder, read_metrics, word_tokenizer, write_recipe
+from tinyrun import adapter_section, cli, cli_env, cli_subprocess, make_chat_data, read_metrics, word_tokenizer, write_recipe
 
 from lorafam.data import prepare_data
 from lorafam.recipe import load_recipe
@@ -37,9 +36,9 @@ STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("layout")
-    return make_model_folder(root / "model"), make_chat_data(root / "chat.jsonl", rows=72)
+def train_data(tmp_path_factory):
+    """conftest's ``assets`` train on chat pairs here (see the module docstring)."""
+    return make_chat_data(tmp_path_factory.mktemp("layout") / "chat.jsonl", rows=72)
 
 
 def recipe(tmp_path: Path, assets, name: str, batch: int, accum: int, variant: str = "lora", **train) -> Path:
@@ -141,9 +140,9 @@ def launch_env() -> dict[str, str]:
 
 
 def launch(*args: str, processes: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
-    command = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs" / "ddp.yaml"),
-               "--num_processes", str(processes), "--main_process_port", str(free_port()), *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, env=launch_env(), timeout=timeout, cwd=ROOT)
+    launcher = [ACCELERATE, "launch", "--config_file", ROOT / "configs" / "ddp.yaml",
+                "--num_processes", processes, "--main_process_port", free_port()]
+    return cli_subprocess(*args, launcher=launcher, env=launch_env(), timeout=timeout, cwd=ROOT)
 
 
 def test_two_processes_train_the_same_adapter_as_one_and_only_the_main_one_writes(tmp_path, assets):
@@ -168,9 +167,8 @@ def test_two_processes_train_the_same_adapter_as_one_and_only_the_main_one_write
 
 def test_a_cpu_launch_that_starts_one_process_is_refused(tmp_path, assets):
     """`accelerate launch --cpu --num_processes 2` starts one process: say so instead of training alone."""
-    command = [str(ACCELERATE), "launch", "--cpu", "--num_processes", "2", "--main_process_port", str(free_port()),
-               "-m", "lorafam", "train", str(recipe(tmp_path, assets, "cpu", 4, 1))]
-    result = subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=300, cwd=ROOT)
+    launcher = [ACCELERATE, "launch", "--cpu", "--num_processes", "2", "--main_process_port", free_port()]
+    result = cli_subprocess("-m", "lorafam", "train", recipe(tmp_path, assets, "cpu", 4, 1), launcher=launcher, cwd=ROOT)
     assert result.returncode != 0
     assert "error: accelerate launch --cpu (use_cpu: true) starts a single process" in result.stderr
     assert not (tmp_path / "cpu").exists()
@@ -222,9 +220,9 @@ def test_variant_state_agrees_on_every_process_and_matches_one_process(tmp_path,
 def launch_fsdp(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`lorafam ARGS` under configs/fsdp2.yaml on 2 CPU processes (tests/fsdp_worker.py says why a
     worker: Accelerate enables FSDP for GPUs only)."""
-    command = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs" / "fsdp2.yaml"), "--num_processes", "2",
-               "--main_process_port", str(free_port()), str(ROOT / "tests" / "fsdp_worker.py"), *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, env=launch_env() | (env or {}), timeout=600, cwd=ROOT)
+    launcher = [ACCELERATE, "launch", "--config_file", ROOT / "configs" / "fsdp2.yaml", "--num_processes", "2",
+                "--main_process_port", free_port(), ROOT / "tests" / "fsdp_worker.py"]
+    return cli_subprocess(*args, launcher=launcher, env=launch_env() | (env or {}), timeout=600, cwd=ROOT)
 
 
 def test_fsdp2_trains_the_same_adapter_as_one_process_and_saves_it_whole(tmp_path, assets):
@@ -291,10 +289,10 @@ def launch_deepspeed(config: Path, extensions: Path, *args: str) -> subprocess.C
     """tests/deepspeed_worker.py ARGS under the Accelerate config CONFIG on 2 CPU processes (the worker
     says why a worker). DeepSpeed gets its own extensions folder: an op it compiles, or leaves
     half-compiled when killed, never touches (or hangs on) the machine's shared cache."""
-    command = [str(ACCELERATE), "launch", "--config_file", str(config), "--num_processes", "2",
-               "--main_process_port", str(free_port()), str(ROOT / "tests" / "deepspeed_worker.py"), *map(str, args)]
+    launcher = [ACCELERATE, "launch", "--config_file", config, "--num_processes", "2",
+                "--main_process_port", free_port(), ROOT / "tests" / "deepspeed_worker.py"]
     env = launch_env() | {"TORCH_EXTENSIONS_DIR": str(extensions)}
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    return cli_subprocess(*args, launcher=launcher, env=env, timeout=600, cwd=ROOT)
 
 
 def test_deepspeed_zero2_trains_the_same_adapter_as_one_process(tmp_path, assets):

@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from tinyrun import one_thread  # noqa: F401  (an autouse fixture, active where imported)
 from tinyrun import cli, cli_subprocess, make_model_folder, make_text_data, write_recipe
 
 from lorafam.adapters import VARIANTS

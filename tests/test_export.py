@@ -23,7 +23,6 @@ import transformers
 import yaml
 from conftest import CHATML
 from tinyrun import WORDS, cli, make_text_data, write_recipe
-from tinyrun import one_thread  # noqa: F401  (an autouse fixture, active where imported)
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,

@@ -31,7 +31,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_distributed import launch
 from test_resume import start_held_train, wait_for  # noqa: F401  (start_held_train: a fixture)
-from tinyrun import one_thread  # noqa: F401  (an autouse fixture, active where imported)
 from tinyrun import adapter_section, cli, make_chat_data, make_model_folder, read_metrics, write_recipe
 
 from lorafam.adapters import VARIANTS
@@ -64,7 +63,11 @@ def machine() -> dict[str, str]:
 
 
 def write_assets(root: Path) -> tuple[Path, Path]:
-    return make_model_folder(root / "model"), make_chat_data(root / "chat.jsonl", rows=40)
+    return make_model_folder(root / "model"), write_data(root)
+
+
+def write_data(root: Path) -> Path:
+    return make_chat_data(root / "chat.jsonl", rows=40)
 
 
 def recipe(folder: Path, assets: tuple[Path, Path], variant: str, batch: int, accum: int, name: str) -> Path:
@@ -136,8 +139,9 @@ def assert_matches(case: str, run_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return write_assets(tmp_path_factory.mktemp("fingerprint"))
+def train_data(tmp_path_factory):
+    """conftest's ``assets`` train on the recorded chat data here."""
+    return write_data(tmp_path_factory.mktemp("fingerprint"))
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -166,7 +170,7 @@ def record() -> None:
     from test_resume import HELD_CLI
     from tinyrun import cli_env
 
-    torch.set_num_threads(1)  # as tinyrun's one_thread fixture does in the tests
+    torch.set_num_threads(1)  # as conftest's one_thread fixture does in the tests
     torch.set_flush_denormal(True)
 
     def start(path: Path, step: int, hold: Path) -> subprocess.Popen:

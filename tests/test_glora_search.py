@@ -10,8 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from tinyrun import one_thread  # noqa: F401  (an autouse fixture, active where imported)
-from tinyrun import cli, make_chat_data, make_model_folder, write_recipe
+from tinyrun import cli, make_chat_data, write_recipe
 from test_distributed import launch, relative_difference
 
 from lorafam.adapters.glora import GLoRA, GLoRAConfig
@@ -169,9 +168,9 @@ def test_a_candidates_fitness_equals_the_eval_of_that_subnet_built_directly(tiny
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("glora-search")
-    return make_model_folder(root / "model"), make_chat_data(root / "chat.jsonl", rows=64)
+def train_data(tmp_path_factory):
+    """conftest's ``assets`` with chat pairs: 56 train and 8 eval examples."""
+    return make_chat_data(tmp_path_factory.mktemp("glora-search") / "chat.jsonl", rows=64)
 
 
 def search_recipe(tmp_path: Path, assets, name: str, batch: int = 4, accum: int = 1) -> Path:

@@ -16,7 +16,6 @@ import pytest
 import torch
 from conftest import tiny_bert_config, tiny_llama_config
 from safetensors.torch import load_file, save_file
-from tinyrun import one_thread  # noqa: F401  (an autouse fixture, active where imported)
 from tinyrun import WORDS, adapter_section, cli, make_model_folder, make_text_data, word_tokenizer, write_recipe
 from transformers import (
     AutoModelForCausalLM,

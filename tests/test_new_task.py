@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 from conftest import package_dir, tiny_bert_config
-from tinyrun import cli_env
+from tinyrun import cli_subprocess
 from transformers import BertForSequenceClassification, BertTokenizerFast
 
 HERE = Path(__file__).parent
@@ -59,8 +58,7 @@ def test_a_toy_regression_task_trains_evaluates_and_merges_through_the_cli_code(
         "train": {"max_steps": 60, "batch_size": 8, "lr": 2e-2, "mixed_precision": "no", "log_every": 10},
         "output_dir": str(tmp_path / "run"),
     }))
-    result = subprocess.run([sys.executable, "-c", SCRIPT, str(HERE), str(recipe), str(tmp_path / "merged")],
-                            capture_output=True, text=True, env=cli_env(), timeout=600)
+    result = cli_subprocess(HERE, recipe, tmp_path / "merged", launcher=(sys.executable, "-c", SCRIPT), timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     facts = json.loads(result.stdout.strip().splitlines()[-1])
     assert facts["task_type"] == "SEQ_CLS"  # the task's PEFT task type, written by the unchanged run folder code

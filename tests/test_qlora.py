@@ -510,18 +510,12 @@ def test_merge_of_a_4bit_run_equals_the_adapted_model(tiny_dir, tmp_path, gpt2_t
 def test_merge_requantize_saves_a_4bit_model_and_reports_its_error(tiny_dir, tmp_path, gpt2_tokenizer):
     import re
 
-    from typer.testing import CliRunner
-
-    from lorafam.cli import app
     from lorafam.merge import probe_batch, probe_logits
 
     run_dir = trained_4bit_run(tiny_dir, tmp_path, gpt2_tokenizer)
-    runner = CliRunner()
-    float_cli = runner.invoke(app, ["merge", str(run_dir), "--output", str(tmp_path / "merged-float")], terminal_width=200)
+    float_cli = cli("merge", run_dir, "--output", tmp_path / "merged-float", terminal_width=200)
     assert float_cli.exit_code == 0, float_cli.output
-    result = runner.invoke(
-        app, ["merge", str(run_dir), "--output", str(tmp_path / "merged-nf4"), "--requantize", "nf4"], terminal_width=200
-    )
+    result = cli("merge", run_dir, "--output", tmp_path / "merged-nf4", "--requantize", "nf4", terminal_width=200)
     assert result.exit_code == 0, result.output
     line = next(l for l in result.output.splitlines() if l.startswith("re-quantized to nf4"))
     printed = float(re.fullmatch(r"re-quantized to nf4: max abs logit difference vs the float merge (\S+) \(fixed probe batch\)", line)[1])
@@ -602,13 +596,10 @@ def test_double_quant_saves_what_the_qlora_paper_says():
 
 def test_inspect_prints_quantized_and_16bit_weight_memory(tiny_dir, tmp_path):
     import yaml
-    from typer.testing import CliRunner
-
-    from lorafam.cli import app
 
     recipe = tmp_path / "q.yaml"
     recipe.write_text(yaml.safe_dump(raw_recipe(tiny_dir, tmp_path)))
-    result = CliRunner().invoke(app, ["inspect", str(recipe)], terminal_width=200)
+    result = cli("inspect", recipe, terminal_width=200)
     assert result.exit_code == 0, result.output
     line = next(l for l in result.output.splitlines() if l.startswith("base weights"))
     with torch.device("meta"):

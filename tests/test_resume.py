@@ -25,13 +25,10 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
-from tinyrun import (  # one_thread: an autouse fixture, active where imported
-    one_thread,
+from tinyrun import (
     adapter_section,
     cli,
     cli_env,
-    make_model_folder,
-    make_text_data,
     read_metrics,
     write_recipe,
 )
@@ -44,12 +41,6 @@ from lorafam.recipe import TrainConfig
 from lorafam.run import ADAPTER_WEIGHTS
 
 STEPS = 12  # tinyrun's recipe: 12 steps, a checkpoint every 2, keep_last 3 (the default)
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    return make_model_folder(root / "model"), make_text_data(root / "train.jsonl")
 
 
 def recipe_for(tmp_path: Path, assets, variant: str = "lora", name: str = "run", **train) -> Path:

@@ -7,8 +7,7 @@ import json
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tinyrun import one_thread  # noqa: F401  (an autouse fixture, active where imported)
-from tinyrun import adapter_section, cli, make_model_folder, make_text_data, read_metrics, write_recipe
+from tinyrun import adapter_section, cli, read_metrics, write_recipe
 
 
 def events(run_dir):
@@ -26,12 +25,6 @@ def scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
         for tag in acc.Tags()["scalars"]:
             out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
     return out
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tracking")
-    return make_model_folder(root / "model"), make_text_data(root / "train.jsonl")
 
 
 def test_tensorboard_gets_every_metrics_row_and_the_recipe(tmp_path, assets):

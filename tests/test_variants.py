@@ -13,7 +13,7 @@ import torch
 from conftest import tiny_bert_config, tiny_llama_config
 from transformers import BertForSequenceClassification, LlamaForCausalLM
 
-from lorafam.adapters import VARIANTS, build_variant
+from lorafam.adapters import VARIANTS, Variant, build_variant
 from lorafam.adapters.base import PEFT_PREFIX
 from lorafam.modeling import head_modules
 from lorafam.run import load_tensors, save_tensors
@@ -269,3 +269,13 @@ def test_gaussian_init_draws_A_from_normal_with_std_one_over_r(name):
     default_A, default_B = initial_factors(name, "default", r)
     assert torch.count_nonzero(default_B) == 0
     assert not is_normal_with_std(default_A, 1 / r)  # the check tells the two inits apart
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_declared_capabilities_match_what_the_variant_does(name):
+    """What `lorafam analyze` reads off the class is true of the variant: ``has_low_rank_factors`` where
+    every layer gives its low-rank pair, ``draws_artifacts`` where it has its own ``write_artifacts``."""
+    cls = VARIANTS[name]
+    _, variant = adapted(name, "llama")
+    assert cls.has_low_rank_factors == all(layer.low_rank_factors() is not None for layer in variant.layers.values())
+    assert cls.draws_artifacts == (cls.write_artifacts is not Variant.write_artifacts)

@@ -1,8 +1,8 @@
 """Tiny local model folders, data files and recipes for tests that run the real `lorafam` CLI.
 
 The model is a 2-layer Llama (hidden 32) over a 40-word vocabulary with a word-level tokenizer, so
-a whole `lorafam train` of a dozen steps runs in about a second in-process. Shared by
-test_resume.py, test_errors.py and test_cli.py.
+a whole `lorafam train` of a dozen steps runs in about a second in-process. Also the two ways tests
+run the CLI: ``cli`` (in-process) and ``cli_subprocess``.
 """
 
 from __future__ import annotations
@@ -12,32 +12,18 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
-import transformers
 import yaml
 from conftest import tiny_llama_config
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from lorafam.cli import app
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Active in every test module that imports it. A 20k-parameter model is fastest on one thread,
-    and on a busy 2-core box two threads spinning against each other make each run ~10x slower;
-    progress bars off so stderr holds exactly the lines the tests check."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    transformers.utils.logging.disable_progress_bar()
-    yield
-    torch.set_num_threads(threads)
-    transformers.utils.logging.enable_progress_bar()
-
 
 WORDS = (
     "the a quick brown fox jumps over lazy dog cat sat on mat and ran to see big small red blue "
@@ -139,9 +125,12 @@ def write_recipe(
     return path
 
 
-def cli(*args: str) -> Any:
-    """`lorafam ARGS` in this process (seconds saved per call over a subprocess)."""
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+def cli(*args: Any, input: str | None = None, terminal_width: int | None = None) -> Result:
+    """`lorafam ARGS` in this process (seconds saved per call over a subprocess); ``input`` is its
+    stdin (a pipe, not a terminal)."""
+    return CliRunner().invoke(
+        app, [str(a) for a in args], input=input, terminal_width=terminal_width, catch_exceptions=False
+    )
 
 
 def cli_env() -> dict[str, str]:
@@ -152,11 +141,22 @@ def cli_env() -> dict[str, str]:
     }
 
 
-def cli_subprocess(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -m lorafam ARGS` as a user runs it (real stderr, exit code and signals)."""
+def cli_subprocess(
+    *args: Any,
+    launcher: Sequence[Any] = (sys.executable, "-m", "lorafam"),
+    input: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float | None = 300,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess:
+    """`python -m lorafam ARGS` as a user runs it (real stdin, stderr, exit code and signals).
+
+    ``launcher`` is what ARGS follow (e.g. `accelerate launch ...` with a script or `-m lorafam` in
+    ARGS); ``env`` is the whole environment, ``cli_env()`` unless given.
+    """
     return subprocess.run(
-        [sys.executable, "-m", "lorafam", *map(str, args)],
-        capture_output=True, text=True, env=cli_env(), timeout=timeout,
+        [*map(str, launcher), *map(str, args)],
+        input=input, capture_output=True, text=True, env=cli_env() if env is None else env, timeout=timeout, cwd=cwd,
     )
 
 

@@ -123,6 +123,8 @@ class AdaLoRA(Variant):
     Config = AdaLoRAConfig
     paper = "Zhang et al., Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning (arXiv:2303.10512)"
     peft_type = "ADALORA"
+    has_low_rank_factors = True
+    draws_artifacts = True
     supports_sharding = False
     sharding_reason = (
         "its budget ranks every triplet of every layer by sensitivity after each step, which needs each "

@@ -54,6 +54,10 @@ class AdapterConfig(BaseModel):
         "head of a sequence-classification model is added automatically.",
     )
 
+    def check_recipe(self, recipe: Any) -> None:
+        """Checks of this section against the rest of the recipe (e.g. AdaLoRA's schedule against
+        train.max_steps), run when the recipe loads; raise ValueError. Default: none."""
+
 
 class AdapterLayer(nn.Module):
     """Wraps a frozen base ``nn.Linear``; subclasses add the trainable update.
@@ -190,6 +194,15 @@ class Variant:
     #: True while a step may leave some trainable parameters out of the graph (GLoRA's supernet
     #: trains one form per tensor per step): data parallelism must then not wait for their gradients.
     leaves_parameters_unused: ClassVar[bool] = False
+    #: True where every layer's ``low_rank_factors`` returns the pair it trains, so
+    #: `lorafam analyze subspace` can compare two runs of it.
+    has_low_rank_factors: ClassVar[bool] = False
+    #: True where training decides ranks or layers and ``write_artifacts`` draws them
+    #: (`lorafam analyze ranks`).
+    draws_artifacts: ClassVar[bool] = False
+    #: Attribute of the model root holding the one module shared by all layers (VeRA's
+    #: projections, LoRA-drop's shared pairs), or None; see ``set_shared_module``.
+    shared_attr: ClassVar[str | None] = None
 
     def __init__(self, config: AdapterConfig):
         self.config = config
@@ -208,6 +221,17 @@ class Variant:
 
     def attach(self, model: nn.Module) -> None:
         """Called once after all layers are injected: create state shared across layers here."""
+
+    def set_shared_module(self, module: nn.Module) -> None:
+        """Register ``module`` once, on the model root, as ``shared_attr``: .to(device) moves it,
+        model.parameters() yields each shared tensor once, its state saves under
+        ``base_model.model.<shared_attr>.`` (``shared_state_dict``) and ``merge`` removes it. Layers
+        hold it as a plain attribute, not a submodule, so it is not saved or moved once per layer."""
+        self.model.register_module(self.shared_attr, module)
+
+    def shared_module(self) -> nn.Module | None:
+        """The module ``set_shared_module`` registered; None before it (or after ``merge``)."""
+        return getattr(self.model, self.shared_attr, None) if self.shared_attr else None
 
     def apply(self, model: nn.Module, head_modules: list[str] = ()) -> "Variant":
         """Freeze ``model``, wrap its target linears in adapter layers, unfreeze saved modules."""
@@ -299,8 +323,12 @@ class Variant:
         return {k: full_tensor(v.detach()).contiguous() for k, v in self.live_tensors().items()}
 
     def shared_state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors that belong to no single layer (VeRA's shared projections), with their keys."""
-        return {}
+        """Tensors that belong to no single layer, with their keys. Default: the shared module's
+        state under its path (LoRA-drop's shared pairs); none without one."""
+        shared = self.shared_module()
+        if shared is None:
+            return {}
+        return {f"{PEFT_PREFIX}{self.shared_attr}.{k}": v for k, v in shared.state_dict(keep_vars=True).items()}
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         own = self.adapter_state_dict()
@@ -352,6 +380,9 @@ class Variant:
             parent, attr = _parent_of(self.model, path)
             setattr(parent, attr, layer.merged())
         self.layers = {}
+        if self.shared_module() is not None:
+            # The merged model is a plain transformers model: no shared module left in it.
+            delattr(self.model, self.shared_attr)
         return self.model
 
     def peft_config(self, base_model_name: str, task_type: str) -> dict[str, Any]:
@@ -432,9 +463,9 @@ def _parent_of(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_path) if parent_path else model), attr
 
 
-def kaiming_uniform_(tensor: torch.Tensor) -> torch.Tensor:
+def kaiming_uniform_(tensor: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """nn.Linear's default init (what LoRA's A starts from in the reference implementation)."""
-    return nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+    return nn.init.kaiming_uniform_(tensor, a=math.sqrt(5), generator=generator)
 
 
 def grid_positions(paths: list[str]) -> dict[str, tuple[str, str]]:

@@ -202,6 +202,7 @@ class GLoRA(Variant):
     peft_type = "GLORA"
     # W0 * A and W0 C read W0, dequantized on the fly from a 4-bit base (W0 itself is never written).
     supports_quantized_base = True
+    draws_artifacts = True  # the searched forms (with adapter.search)
     #: Layer path -> config flag that gives it a bias (modeling.bias_switches); None: any layer may.
     bias_switches: dict[str, str] | None = None
     #: Set while the supernet trains: the draws' seed (after_step draws the next step's forms).

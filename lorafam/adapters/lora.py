@@ -14,7 +14,7 @@ changed, so the adapter is saved as a plain rank-2r LoRA on the *original* W0, a
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -47,16 +47,24 @@ class LoRALayer(AdapterLayer):
         self.lora_dropout = dropout_module(dropout)
         self.scaling = scaling
 
+    def pair(self) -> tuple[nn.Linear, nn.Linear]:
+        """The (A, B) pair this layer computes with: its own. A variant whose layers may share a
+        pair (LoRA-drop) overrides only this."""
+        return self.lora_A, self.lora_B
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+        lora_A, lora_B = self.pair()
+        update = lora_B(lora_A(self.lora_dropout(x.to(lora_A.weight.dtype))))
         return out + (update * self.scaling).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+        lora_A, lora_B = self.pair()
+        return (lora_B.weight @ lora_A.weight) * self.scaling
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.lora_B.weight, self.lora_A.weight
+        lora_A, lora_B = self.pair()
+        return lora_B.weight, lora_A.weight
 
     # ----------------------------------------------------------------------------------------------
     # PiSSA
@@ -134,6 +142,10 @@ class LoRA(Variant):
     Config = LoRAConfig
     paper = "Hu et al., LoRA: Low-Rank Adaptation of Large Language Models (arXiv:2106.09685)"
     peft_type = "LORA"
+    has_low_rank_factors = True
+    #: The layer ``make_layer`` builds; a subclass that changes only which pair a layer uses
+    #: (LoRA-drop) sets its own.
+    layer_class: ClassVar[type[LoRALayer]] = LoRALayer
 
     @property
     def scaling(self) -> float:
@@ -141,20 +153,31 @@ class LoRA(Variant):
         return cfg.alpha / (math.sqrt(cfg.r) if cfg.rslora else cfg.r)
 
     def make_layer(self, base_layer: nn.Linear, path: str) -> LoRALayer:
-        layer = LoRALayer(base_layer, self.config.r, self.scaling, self.config.dropout)
+        layer = self.layer_class(base_layer, self.config.r, self.scaling, self.config.dropout)
         self.init_layer(layer)
         return layer
 
     def init_layer(self, layer: LoRALayer) -> None:
-        with torch.no_grad():
-            if self.config.init == "pissa":
-                layer.pissa_init()
-                return
-            if self.config.init == "gaussian":
-                nn.init.normal_(layer.lora_A.weight, std=1 / self.config.r)
-            else:
-                kaiming_uniform_(layer.lora_A.weight)
-            nn.init.zeros_(layer.lora_B.weight)
+        if self.config.init == "pissa":
+            layer.pissa_init()
+        else:
+            self.init_pair(layer.lora_A, layer.lora_B)
+
+    @torch.no_grad()
+    def init_pair(self, lora_A: nn.Linear, lora_B: nn.Linear, generator: torch.Generator | None = None) -> None:
+        """A Kaiming-uniform (``init: default``) or N(0, 1/r) (``gaussian``); B zero.
+
+        Drawn from torch's global RNG in place, or where a ``generator`` is given (LoRA-drop's fresh
+        pairs) on the CPU from it and then copied, so the numbers do not depend on the device.
+        """
+        A = lora_A.weight if generator is None else torch.empty(lora_A.weight.shape)
+        if self.config.init == "gaussian":
+            nn.init.normal_(A, std=1 / self.config.r, generator=generator)
+        else:
+            kaiming_uniform_(A, generator)
+        if generator is not None and lora_A.weight.device.type != "meta":
+            lora_A.weight.copy_(A)
+        nn.init.zeros_(lora_B.weight)
 
     def peft_config(self, base_model_name: str, task_type: str) -> dict[str, Any]:
         cfg = self.config

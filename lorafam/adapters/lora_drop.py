@@ -31,13 +31,12 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from lorafam.adapters.base import PEFT_PREFIX, grid_positions
+from lorafam.adapters.base import grid_positions
 from lorafam.adapters.lora import LoRA, LoRAConfig, LoRALayer
 from lorafam.distributed import all_reduce_sum, rank, world_size
 from lorafam.errors import LorafamError
 
-# Where the shared pairs live in the adapted model: once, at the root, so .to(device) moves them
-# and model.parameters() yields each shared tensor exactly once.
+# Where the shared pairs live in the adapted model (Variant.set_shared_module).
 SHARED_ATTR = "lora_drop_shared"
 SAMPLE_PHASE = "lora-drop-sample"
 IMPORTANCE_BATCH = 8
@@ -88,10 +87,8 @@ class SharedLoRA(nn.Module):
 class LoRADropLayer(LoRALayer):
     """A LoRA layer whose pair is its own or a shared one (then it owns no adapter tensor)."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        # A plain attribute, not a submodule: the pair is registered once, on the model root.
-        self.shared: tuple[SharedLoRA, ...] = ()
+    # A plain attribute, not a submodule: the pair is registered once, on the model root.
+    shared: tuple[SharedLoRA, ...] = ()
 
     def pair(self) -> tuple[nn.Linear, nn.Linear]:
         owner = self.shared[0] if self.shared else self
@@ -100,20 +97,6 @@ class LoRADropLayer(LoRALayer):
     def use_shared(self, shared: SharedLoRA) -> None:
         del self.lora_A, self.lora_B
         self.shared = (shared,)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
-        lora_A, lora_B = self.pair()
-        update = lora_B(lora_A(self.lora_dropout(x.to(lora_A.weight.dtype))))
-        return out + (update * self.scaling).to(out.dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        lora_A, lora_B = self.pair()
-        return (lora_B.weight @ lora_A.weight) * self.scaling
-
-    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        lora_A, lora_B = self.pair()
-        return lora_B.weight, lora_A.weight
 
 
 def shape_key(layer: nn.Module) -> str:
@@ -159,15 +142,13 @@ class LoRADrop(LoRA):
     peft_type = None
     supports_sharding = False
     sharding_reason = "it replaces its adapter pairs after the probe run, once the model would already be sharded"
+    draws_artifacts = True
+    shared_attr = SHARED_ATTR
+    layer_class = LoRADropLayer
 
     def __init__(self, config: LoRADropConfig):
         super().__init__(config)
         self.record: dict[str, Any] = {}
-
-    def make_layer(self, base_layer: nn.Linear, path: str) -> LoRADropLayer:
-        layer = LoRADropLayer(base_layer, self.config.r, self.scaling, self.config.dropout)
-        self.init_layer(layer)
-        return layer
 
     # ----------------------------------------------------------------------------------------------
     # Before training
@@ -249,27 +230,15 @@ class LoRADrop(LoRA):
         shared = nn.ModuleDict()
         for path, layer in self.layers.items():
             if path in kept:
-                self.fresh_pair(layer.lora_A, layer.lora_B, generator)
+                self.init_pair(layer.lora_A, layer.lora_B, generator)
                 continue
             key = shape_key(layer)
             if key not in shared:
                 pair = SharedLoRA(layer.in_features, layer.out_features, self.config.r, layer.lora_A.weight.device)
-                self.fresh_pair(pair.lora_A, pair.lora_B, generator)
+                self.init_pair(pair.lora_A, pair.lora_B, generator)
                 shared[key] = pair
             layer.use_shared(shared[key])
-        self.model.register_module(SHARED_ATTR, shared)
-
-    def fresh_pair(self, lora_A: nn.Linear, lora_B: nn.Linear, generator: torch.Generator) -> None:
-        """LoRA's init (A: Kaiming-uniform or N(0, 1/r); B: zero), drawn from ``generator``."""
-        A = torch.empty(lora_A.weight.shape)
-        if self.config.init == "gaussian":
-            nn.init.normal_(A, std=1 / self.config.r, generator=generator)
-        else:
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
-        with torch.no_grad():
-            if lora_A.weight.device.type != "meta":
-                lora_A.weight.copy_(A)
-                lora_B.weight.zero_()
+        self.set_shared_module(shared)
 
     def restore(self, prepared: dict[str, Any]) -> None:
         recorded = set(prepared.get("importance", {}))
@@ -295,19 +264,6 @@ class LoRADrop(LoRA):
         seen = {id(p): p for layer in self.layers.values() for p in layer.pair()[0].parameters()}
         seen |= {id(p): p for layer in self.layers.values() for p in layer.pair()[1].parameters()}
         return sum(p.numel() for p in seen.values())
-
-    def shared_state_dict(self) -> dict[str, torch.Tensor]:
-        shared = getattr(self.model, SHARED_ATTR, None)
-        if shared is None:
-            return {}
-        return {f"{PEFT_PREFIX}{SHARED_ATTR}.{k}": v for k, v in shared.state_dict(keep_vars=True).items()}
-
-    def merge(self) -> nn.Module:
-        model = super().merge()
-        # The merged model is a plain transformers model: no shared pairs left in it.
-        if hasattr(model, SHARED_ATTR):
-            delattr(model, SHARED_ATTR)
-        return model
 
     def peft_config(self, base_model_name: str, task_type: str) -> dict[str, Any]:
         rec = self.record

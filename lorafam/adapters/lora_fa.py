@@ -8,7 +8,7 @@ path, A^T B^T g, needs only the weights.
 
 No custom autograd function is needed for that: autograd saves an input of ``linear`` only when the
 other operand requires grad, so with A frozen ``lora_A(x)`` saves nothing of x, and the frozen base
-linear saves only W (x's gradient is g W). tests/test_lora_family_a.py measures the saved bytes, and
+linear saves only W (x's gradient is g W). tests/test_pissa_lora_plus_lora_fa.py measures the saved bytes, and
 benchmarks/lora_fa_memory.py compares whole stacks. Adapter dropout would keep an in-sized mask per
 token again, so the recipes leave it at 0.
 

@@ -24,7 +24,7 @@ from lorafam.adapters.base import AdapterConfig, AdapterLayer, Variant, dropout_
 
 # PEFT's keys for the shared projections in adapter_model.safetensors.
 PROJECTION_KEYS = {"vera_A": "base_model.vera_A", "vera_B": "base_model.vera_B"}
-# Where the shared projections live in the adapted model: once, at the root, so .to(device) moves them.
+# Where the shared projections live in the adapted model (Variant.set_shared_module).
 PROJECTIONS_ATTR = "vera_projections"
 
 
@@ -111,6 +111,8 @@ class VeRA(Variant):
     Config = VeRAConfig
     paper = "Kopiczko et al., VeRA: Vector-based Random Matrix Adaptation (arXiv:2310.11454)"
     peft_type = "VERA"
+    has_low_rank_factors = True
+    shared_attr = PROJECTIONS_ATTR
 
     def make_layer(self, base_layer: nn.Linear, path: str) -> VeRALayer:
         cfg = self.config
@@ -126,22 +128,16 @@ class VeRA(Variant):
             seed=self.config.projection_seed,
             device=layers[0].base_layer.weight.device,
         )
-        model.register_module(PROJECTIONS_ATTR, shared)
+        self.set_shared_module(shared)
         for layer in layers:
             layer.projections = (shared,)
 
     def shared_state_dict(self) -> dict[str, torch.Tensor]:
-        shared = getattr(self.model, PROJECTIONS_ATTR, None)
+        # Under PEFT's keys, not the module's path (its buffers are non-persistent for that reason).
+        shared = self.shared_module()
         if shared is None or not self.config.save_projection:
             return {}
         return {key: getattr(shared, name) for name, key in PROJECTION_KEYS.items()}
-
-    def merge(self) -> nn.Module:
-        model = super().merge()
-        # The merged model is a plain transformers model: no VeRA buffers left in it.
-        if hasattr(model, PROJECTIONS_ATTR):
-            delattr(model, PROJECTIONS_ATTR)
-        return model
 
     def peft_config(self, base_model_name: str, task_type: str) -> dict[str, Any]:
         cfg = self.config
