@@ -49,6 +49,7 @@ def test_each_row_matches_its_run_folder(compared):
         assert row["trainable_params"] == info["trainable_params"]
         assert row["eval_loss_before"] == info["eval_before"]["loss"]
         assert row["eval_loss_after"] == info["eval_after"]["loss"]
+        assert row["eval_loss_after"] < row["eval_loss_before"], (variant, row)  # each variant learned
         assert row["final_train_loss"] == info["final_train_loss"]
         evals = [r for r in read_metrics(run) if "eval_loss" in r]
         assert [(c["step"], c["loss"]) for c in row["eval_curve"]] == [(r["step"], r["eval_loss"]) for r in evals]

@@ -54,7 +54,8 @@ def test_quickstart_recipe_trains_merges_and_loads_in_peft(tmp_path):
     assert f"trainable params: {info['trainable_params']:,} / " in printed and f"saved adapter to {run}" in " ".join(printed.split())
 
     evaluated = json.loads(lorafam("eval", str(run), "--json").stdout)
-    assert evaluated["loss"] == pytest.approx(info["eval_after"]["loss"], rel=1e-2)
+    # The same fp32 eval of the same rows: equal up to summation order (~1e-7 relative).
+    assert evaluated["loss"] == pytest.approx(info["eval_after"]["loss"], rel=1e-5)
 
     # PEFT reads the adapter we wrote, and its logits equal lorafam's merged model.
     from peft import PeftModel
