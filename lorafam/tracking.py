@@ -58,8 +58,12 @@ class Trackers:
             return
         check_installed(names)
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
 
-        # The same precision and device as the training's own Accelerator: they share one state.
+        # The same precision and device as the training's own Accelerator: they share one state. An
+        # earlier run in this process (the Python API, a notebook) may have left another precision's
+        # state, which Accelerate refuses to change: start afresh, as make_accelerator does.
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(
             log_with=list(names), project_dir=str(run_dir / "trackers"), mixed_precision=mixed_precision, cpu=cpu
         )
