@@ -127,6 +127,11 @@ def train(
         checkpoint = find_latest_checkpoint(run_dir, warn)
         if checkpoint is None:
             console.print(f"no complete checkpoint in {run_dir / CHECKPOINTS}; starting from step 0", soft_wrap=True)
+        elif (written := checkpoint.state.get("processes", 1)) != state.num_processes:  # before run.json is touched
+            raise LorafamError(
+                f"checkpoint {checkpoint.path} was written on {written} process(es); this run has {state.num_processes}: "
+                f"resume it on {written} (accelerate launch --num_processes {written}), or start over with --overwrite"
+            )
     check_installed(spec.train.report_to)
     precision = choose_precision(spec.train.mixed_precision)
     # A resumed 4-bit run dequantizes as before the interruption, on whichever machine it resumes.
