@@ -48,10 +48,11 @@ MUTANTS = [
         (("torch.argsort(scores, descending=True, stable=True)", "torch.argsort(scores, descending=False, stable=True)"),),
         "tests/test_adalora.py", "top_budget",
     ),
+    # (|I - Ibar| taken with the previous Ibar instead of the updated one is no bug to plant: it is
+    # |I - Ibar_new| / beta1 for every entry, so it scales all scores alike and keeps the same triplets.)
     Mutant(
-        "adalora_uncertainty_vs_old_average", "AdaLoRA's uncertainty is |I - Ibar| with the updated Ibar (paper, PEFT)",
-        "lorafam/adapters/adalora.py",
-        (("(1 - b2) * (sens - avg).abs()", "(1 - b2) * (sens - self.sensitivity.get(key, torch.zeros_like(p))).abs()"),),
+        "adalora_score_ignores_uncertainty", "AdaLoRA scores by sensitivity x uncertainty", "lorafam/adapters/adalora.py",
+        (("return self.sensitivity[key] * self.uncertainty[key]", "return self.sensitivity[key]"),),
         "tests/test_adalora.py", "top_budget",
     ),
     Mutant(
