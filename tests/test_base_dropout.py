@@ -110,9 +110,9 @@ def test_a_step_does_not_depend_on_its_layout_unless_the_base_dropout_is_kept(ba
     split = trained(tmp_path, assets, "split", base_dropout, batch_size=4, grad_accum=2)
     difference = relative_difference(split, whole)
     if base_dropout is None:  # the default: off
-        assert difference < 1e-5, difference  # summation order only (measured ~2e-7)
+        assert difference < 1e-5, difference  # summation order only (measured 3.9e-7)
     else:
-        assert difference > 1e-2, difference  # other masks for every row: another adapter
+        assert difference > 1e-2, difference  # other masks for every row: another adapter (measured 1.7)
 
 
 @pytest.mark.parametrize("base_dropout", [None, "keep"])
