@@ -9,6 +9,7 @@ per-row one) moves the result far beyond rounding.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -16,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_llama_config
-from tinyrun import word_tokenizer
+from tinyrun import cli, make_model_folder, make_text_data, word_tokenizer, write_recipe
 from transformers import LlamaForCausalLM
 
 from lorafam.data import make_collator
@@ -84,3 +85,22 @@ def test_perplexity_is_exp_of_the_mean_loss(setup):
     metrics = evaluate(task.loss_module(model), task, rows, make_collator(tokenizer, "causal-lm"), 3)
     assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]), rel=1e-12)
     assert 1.0 < metrics["perplexity"] < 10 * len(tokenizer)  # a random model: near the vocabulary size
+
+
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_the_runs_eval_is_the_fp32_eval_lorafam_eval_computes_from_the_saved_run(mixed_precision, tmp_path):
+    """The eval during training runs in fp32 (train.eval_precision's default) also where the model was
+    prepared for bf16 training, whose forward Accelerate wraps in autocast: so run.json's eval equals
+    `lorafam eval` of the saved run, which loads the model afresh, to the last bit."""
+    model, data = make_model_folder(tmp_path / "model"), make_text_data(tmp_path / "train.jsonl")
+    recipe = write_recipe(tmp_path / "r.yaml", model, data, tmp_path / "run",
+                          train={"max_steps": 4, "save_every": None, "mixed_precision": mixed_precision})
+    trained = cli("train", recipe)
+    assert trained.exit_code == 0, trained.output + trained.stderr
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["precision"]["mixed_precision"] == mixed_precision
+    evaluated = cli("eval", tmp_path / "run", "--json")
+    assert evaluated.exit_code == 0, evaluated.output + evaluated.stderr
+    metrics = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert metrics["tokens"] == info["eval_after"]["tokens"] > 0
+    assert metrics["loss"] == info["eval_after"]["loss"]  # same rows, batches and fp32 arithmetic
