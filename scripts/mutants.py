@@ -85,6 +85,11 @@ MUTANTS = [
         "tests/test_evaluate.py",
     ),
     Mutant(
+        "eval_in_accelerates_bf16_wrapper", "the eval during training runs in fp32 (as `lorafam eval`)", "lorafam/evaluate.py",
+        (("    restore_forwards = _without_accelerate_autocast(loss_model)\n", "    restore_forwards = lambda: None\n"),),
+        "tests/test_evaluate.py", "saved_run",
+    ),
+    Mutant(
         "perplexity_of_the_sum", "perplexity = exp(mean loss)", "lorafam/tasks/causal_lm.py",
         (('"perplexity": self.perplexity(out["loss"])', '"perplexity": self.perplexity(loss_sum)'),),
         "tests/test_evaluate.py",
