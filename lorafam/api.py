@@ -92,7 +92,7 @@ def train(
         raise LorafamError("--overwrite starts over and --resume continues: pass one of them")
     state = join_processes()
     console, warn = _outputs(state.is_main_process, console, warn)
-    folder = RunFolder.open(spec, overwrite, resume, writes=state.is_main_process, warn=warn)
+    folder = RunFolder.open(spec, overwrite, resume, writes=state.is_main_process, warn=warn, processes=state.num_processes)
     if folder.finished:
         console.print(f"{folder.path} already holds this run, finished ({folder.previous.steps} steps); nothing to resume", soft_wrap=True)
         return RunResult(folder.path, folder.previous, already_complete=True)

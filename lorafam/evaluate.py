@@ -20,6 +20,23 @@ def iterate_batches(dataset: Any, batch_size: int, collate: Callable, order: lis
         yield collate([dataset[i] for i in indices[start : start + batch_size]])
 
 
+def _without_accelerate_autocast(module: nn.Module) -> Callable[[], None]:
+    """Accelerate's ``prepare`` under mixed precision wraps the model's forward in autocast (keeping
+    the plain one as ``_original_forward``), so an eval of a prepared model would run in bf16 whatever
+    ``autocast`` says. The plain forward is put back for the pass, so ``autocast`` alone decides the
+    precision (fp32 by default: the same loss ``lorafam eval`` computes from the saved run). Returns the
+    function that re-installs the wrapped forwards."""
+    wrapped = [(m, vars(m)["forward"]) for m in module.modules() if "_original_forward" in vars(m) and "forward" in vars(m)]
+    for m, _ in wrapped:
+        m.forward = m._original_forward
+
+    def restore() -> None:
+        for m, forward in wrapped:
+            m.forward = forward
+
+    return restore
+
+
 @torch.no_grad()
 def evaluate(
     loss_model: nn.Module,
@@ -39,10 +56,12 @@ def evaluate(
     positions reach the output head. With several processes each takes every ``num_processes``-th
     batch and the sums are added up; every process runs the same number of forward passes (a
     process short of batches repeats one with weight 0), as sharded models need. The model is put
-    in eval mode for the pass and restored to the mode it had.
+    in eval mode for the pass and restored to the mode it had. The pass runs in the precision
+    ``autocast`` gives, also for a model Accelerate prepared for mixed precision.
     """
     was_training = loss_model.training
     loss_model.eval()
+    restore_forwards = _without_accelerate_autocast(loss_model)
     device = next(loss_model.parameters()).device
     n_batches = math.ceil(len(dataset) / batch_size)
     if max_batches is not None:
@@ -66,6 +85,7 @@ def evaluate(
                 )
     finally:
         loss_model.train(was_training)
+        restore_forwards()
     all_reduce_sum(sums)
     return task.metrics(float(sums[0]), int(sums[1]), int(sums[2]))
 

@@ -303,8 +303,32 @@ def load_model(cfg: ModelConfig, label_names: list[str] | None = None) -> PreTra
         # transformers keeps the output head (and any tied or last module) unquantized.
         kwargs["quantization_config"] = bnb_config(cfg)
         model = _from_source(cfg, path, lambda: _auto_class(cfg.task).from_pretrained(path, **kwargs))
-        return prepare_for_kbit_training(model)
-    return _from_source(cfg, path, lambda: _auto_class(cfg.task).from_pretrained(path, **kwargs))
+        model = prepare_for_kbit_training(model)
+    else:
+        model = _from_source(cfg, path, lambda: _auto_class(cfg.task).from_pretrained(path, **kwargs))
+    if cfg.base_dropout == "off":
+        switch_off_dropout(model)
+    return model
+
+
+def switch_off_dropout(model: nn.Module) -> int:
+    """Sets every dropout rate of ``model``'s own modules to 0; returns how many were on.
+
+    Dropout draws its masks from the global RNG in the order the rows come, so a base model that
+    keeps its own (BERT's hidden_dropout_prob 0.1) trains another adapter when the same step is cut
+    into other micro-batches (lorafam keys only the adapter's dropout by example). The rates live on
+    the modules: ``nn.Dropout.p`` (which BERT's attention also reads as its probability) and float
+    attributes named like ``attention_dropout`` (Llama, Qwen2) that attention functions read at each
+    call. ``model.config`` is left as it is, so a merged model saves the config it came with.
+    """
+    switched = 0
+    for module in model.modules():
+        for name, value in vars(module).items():
+            is_rate = (name == "p" and isinstance(module, nn.Dropout)) or "dropout" in name
+            if is_rate and isinstance(value, float) and value > 0:
+                setattr(module, name, 0.0)
+                switched += 1
+    return switched
 
 
 def build_meta_model(cfg: ModelConfig, label_names: list[str] | None = None) -> PreTrainedModel:

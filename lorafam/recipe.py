@@ -34,6 +34,12 @@ class ModelConfig(Section):
         "float32", description="dtype the base weights are loaded in."
     )
     trust_remote_code: bool = Field(False, description="Run model code from the hub repo (off by default).")
+    base_dropout: Literal["off", "keep"] = Field(
+        "off",
+        description="The base model's own dropout (BERT's hidden/attention dropout) while training. off: every "
+        "rate 0, so a step does not depend on its batch layout; keep: the config's rates (as PEFT and "
+        "transformers' Trainer), masks drawn in row order, so batch 8 and 4 x grad_accum 2 differ.",
+    )
     quantization: Literal["nf4", "fp4", "int8"] | None = Field(
         None,
         description="Load the base quantized with bitsandbytes (QLoRA: nf4); its linear layers are "

@@ -234,9 +234,11 @@ class RunFolder:
         self.checkpoint = checkpoint  # lorafam.checkpoint.Checkpoint it resumes from, or None
 
     @classmethod
-    def open(cls, recipe: Recipe, overwrite: bool, resume: bool, writes: bool, warn: Callable[[str], None]) -> "RunFolder":
+    def open(cls, recipe: Recipe, overwrite: bool, resume: bool, writes: bool, warn: Callable[[str], None],
+             processes: int = 1) -> "RunFolder":
         """The recipe's output_dir, checked (see ``check_output_dir``); under ``resume`` with the run
-        it holds and its newest complete checkpoint."""
+        it holds and its newest complete checkpoint, which must have been written on ``processes``
+        processes (refused before anything is written)."""
         from lorafam.checkpoint import find_latest_checkpoint
 
         path = check_output_dir(recipe, overwrite, resume)
@@ -244,6 +246,11 @@ class RunFolder:
             return cls(path, writes)
         previous = read_run_info(path)
         checkpoint = None if previous.status == "complete" and (path / ADAPTER_WEIGHTS).is_file() else find_latest_checkpoint(path, warn)
+        if checkpoint is not None and (written := checkpoint.state.get("processes", 1)) != processes:
+            raise LorafamError(
+                f"checkpoint {checkpoint.path} was written on {written} process(es); this run has {processes}: "
+                f"resume it on {written} (accelerate launch --num_processes {written}), or start over with --overwrite"
+            )
         return cls(path, writes, previous, checkpoint)
 
     @property

@@ -58,7 +58,6 @@ class Trackers:
             return
         check_installed(names)
         from accelerate import Accelerator
-
         from accelerate.state import AcceleratorState
 
         from lorafam.hardware import process_group

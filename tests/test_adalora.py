@@ -179,6 +179,70 @@ def test_budget_follows_the_cubic_schedule(delta_t):
     assert all(live[step] == target for step in range(end, total + 1))
 
 
+class PeftView:
+    """Our layers' triplets under PEFT's parameter names, as copies (PEFT's RankAllocator masks the
+    Lambdas it is given), refreshed with the values and gradients of the step just taken."""
+
+    def __init__(self, variant):
+        self.variant, self.params = variant, {}
+
+    def refresh(self) -> None:
+        self.params = {}
+        for path, layer in self.variant.layers.items():
+            for name in ("lora_A", "lora_B", "lora_E"):
+                p = getattr(layer, name)
+                copy_ = torch.nn.Parameter(p.detach().clone())
+                copy_.grad = None if p.grad is None else p.grad.detach().clone()
+                self.params[f"base_model.model.{path}.{name}.default"] = copy_
+
+    def named_parameters(self):
+        return iter(self.params.items())
+
+
+def test_surviving_triplets_are_the_top_budget_ones_as_peft_chooses_them():
+    """Which triplets survive, not only how many: every allocation keeps exactly the triplets PEFT's
+    own RankAllocator keeps on the same weights, gradients and schedule (the paper's score: smoothed
+    sensitivity x uncertainty of Lambda_i plus the means over P's column and Q's row)."""
+    from peft import AdaLoraConfig
+    from peft.tuners.adalora.layer import RankAllocator
+
+    tinit, tfinal, total = 3, 4, 16
+    model, variant = adapted(ADAPTER | {"tinit": tinit, "tfinal": tfinal, "delta_t": 1})
+    cfg = variant.config
+    view = PeftView(variant)
+    view.refresh()
+    peft_config = AdaLoraConfig(init_r=cfg.init_r, target_r=cfg.target_r, tinit=tinit, tfinal=tfinal, deltaT=1,
+                                beta1=cfg.beta1, beta2=cfg.beta2, total_step=total)
+    allocator = RankAllocator(view, peft_config, "default")
+    optimizer = torch.optim.AdamW(variant.param_groups(lr=1e-2, weight_decay=0.0))
+    data = batches(total)
+    model.train()
+    compared, changed = 0, 0
+    for step in range(1, total - tfinal + 1):
+        loss = model(**data[step - 1]).loss
+        (loss + sum(variant.extra_losses().values())).backward()
+        optimizer.step()
+        view.refresh()  # what PEFT reads: the stepped weights and this step's gradients
+        before = {path: layer.rank_mask.clone() for path, layer in variant.layers.items()}
+        variant.after_step(step, total)
+        if step < total - tfinal:
+            allocator.update_ipt(view)
+        budget, allocates = allocator.budget_schedule(step)
+        if step > tinit and allocates:
+            pattern = allocator.mask_to_budget(view, budget)
+            ours = {f"base_model.model.{path}.lora_E.default": layer.rank_mask.tolist()
+                    for path, layer in variant.layers.items()}
+            assert ours == pattern, step
+            assert live_rank(variant) == budget
+            compared += 1
+            changed += any(not torch.equal(before[p], l.rank_mask) for p, l in variant.layers.items())
+        optimizer.zero_grad(set_to_none=True)
+    # Every allocation step was compared, and most of them changed which triplets live.
+    assert compared == total - tfinal - tinit and changed > compared // 2, (compared, changed)
+    assert live_rank(variant) == cfg.target_r * N_MATRICES
+    assert len(set(variant.ranks().values())) > 1, variant.ranks()
+
+
 def test_masked_triplets_contribute_nothing_to_outputs_or_merge(trained):
     model, variant = copy.deepcopy((trained.model, trained.variant))
     batch = inputs("llama")

@@ -91,7 +91,9 @@ def test_phi_matches_the_papers_formula_and_swapping_runs_transposes_it():
     assert phi.shape == (4, 10)
     np.testing.assert_allclose(phi.numpy(), expected, atol=1e-10)
     np.testing.assert_allclose(subspace_similarity(second, first).numpy(), phi.numpy().T, atol=1e-12)
-    assert float(phi.min()) >= 0 and float(phi.max()) <= 1 + 1e-12
+    # Random subspaces overlap partly: the comparison above covered values inside (0, 1), not only
+    # the ends an orthogonal or nested pair gives.
+    assert float(((phi > 0.05) & (phi < 0.95)).double().mean()) > 0.5, phi
 
 
 def test_phi_is_zero_for_orthogonal_subspaces_and_one_for_nested_ones():

@@ -95,15 +95,17 @@ def test_a_compiled_run_with_dropout_trains_the_same_adapter_as_an_eager_one(tmp
         [r["loss"] for r in read_metrics(eager) if "loss" in r], rel=1e-6)
 
 
-def test_a_compiled_run_interrupted_and_resumed_matches_the_uninterrupted_one(tmp_path, assets, monkeypatch):
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_a_compiled_run_interrupted_and_resumed_matches_the_uninterrupted_one(variant, tmp_path, assets, monkeypatch):
     import os
     import signal
 
     import lorafam.trainer as trainer
 
-    whole_recipe, whole = run(tmp_path, assets, "lora", compile=True, dropout=0.1, name="whole")
+    # 12 steps stopped after 5: AdaLoRA is mid-budget, Delta-LoRA past its start (tinyrun.VARIANT_KEYS).
+    whole_recipe, whole = run(tmp_path, assets, variant, compile=True, dropout=0.1, name="whole")
     assert cli("train", whole_recipe).exit_code == 0
-    recipe, stopped = run(tmp_path, assets, "lora", compile=True, dropout=0.1, name="stopped")
+    recipe, stopped = run(tmp_path, assets, variant, compile=True, dropout=0.1, name="stopped")
     step_once = trainer.optimizer_step
 
     def stop_after_five(s, step, skip_nonfinite):  # noqa: ANN001, ANN202
@@ -117,6 +119,9 @@ def test_a_compiled_run_interrupted_and_resumed_matches_the_uninterrupted_one(tm
     monkeypatch.setattr(trainer, "optimizer_step", step_once)
     resumed = cli("train", recipe, "--resume")
     assert resumed.exit_code == 0, resumed.output + resumed.stderr
+    assert "(step 5/12)" in resumed.output
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, "nothing was compiled"
     expected, got = load_file(whole / ADAPTER_WEIGHTS), load_file(stopped / ADAPTER_WEIGHTS)
+    assert expected.keys() == got.keys()
     for key in expected:  # bitwise, dropout on: the masks follow the examples through compiled blocks
         assert torch.equal(got[key], expected[key]), key

@@ -4,12 +4,14 @@ exported, and read back by independent readers.
 The GGUF files are read by transformers' own GGUF loader (``from_pretrained(..., gguf_file=...)``),
 which undoes llama.cpp's layout (q/k row permutation, tensor names, tokenizer keys) on its own, so
 a logit match means the file holds the merged model as llama.cpp lays it out. The Modelfile's
-TEMPLATE is run by Go's text/template (the engine Ollama uses) when a Go toolchain is installed.
+TEMPLATE is run by Go's text/template (the engine Ollama uses): skipped where Go is missing, a failure
+where CI is set (CI installs Go, .ci/run).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -616,6 +618,39 @@ def test_chat_template_translation_renders_like_jinja(name):
     assert stops <= {line.split(" ", 2)[2].strip('"') for line in modelfile.splitlines() if line.startswith("PARAMETER stop")}
 
 
+PHI3_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def qwen25_base_tokenizer():
+    """A Qwen2.5 base: EOS is <|endoftext|> while chat turns end with <|im_end|>."""
+    tokenizer = byte_bpe(["<|im_start|>", "<|im_end|>"])
+    tokenizer.eos_token = "<|endoftext|>"
+    tokenizer.chat_template = QWEN2_TEMPLATE
+    return tokenizer
+
+
+def phi3_tokenizer():
+    """Phi-3's layout: EOS <|endoftext|>, turns end with <|end|>."""
+    tokenizer = byte_bpe(["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"])
+    tokenizer.eos_token = "<|endoftext|>"
+    tokenizer.chat_template = PHI3_TEMPLATE
+    return tokenizer
+
+
+@pytest.mark.parametrize(("make", "end_of_turn"), [(qwen25_base_tokenizer, "<|im_end|>"), (phi3_tokenizer, "<|end|>")])
+def test_modelfile_stops_at_the_end_of_turn_token_where_it_is_not_eos(make, end_of_turn):
+    tokenizer = make()
+    assert tokenizer.eos_token == "<|endoftext|>" != end_of_turn  # the case every other test misses
+    chat = infer_chat_format(tokenizer)
+    assert chat is not None and end_of_turn in chat.end_of_turn()
+    text = build_modelfile("m.gguf", tokenizer, chat, adds_bos=False, context_length=2048, sampling={}).text
+    stops = [line.split(" ", 2)[2].strip('"') for line in text.splitlines() if line.startswith("PARAMETER stop")]
+    assert end_of_turn in stops and "<|endoftext|>" in stops, stops
+
+
 def test_sampling_defaults_come_from_the_generation_config_when_it_samples():
     from lorafam.export import sampling_defaults
 
@@ -642,7 +677,10 @@ def go_render(tmp_path_factory):
     """Render Ollama TEMPLATEs with Go's text/template (the engine Ollama uses)."""
     go = shutil.which("go")
     if go is None:
-        pytest.skip("needs a Go toolchain (apt-get install golang-go) to run Ollama's template engine")
+        why = "needs a Go toolchain (apt-get install golang-go) to run Ollama's template engine"
+        if os.environ.get("CI"):  # CI installs Go (.ci/run): a missing one is a broken CI, not a skip
+            pytest.fail(f"CI is set and Go is missing: {why}")
+        pytest.skip(why)
     binary = tmp_path_factory.mktemp("go") / "ollama_render"
     build = subprocess.run([go, "build", "-o", str(binary), str(GO_RENDERER)], capture_output=True, text=True,
                            env={"HOME": str(binary.parent), "GOCACHE": str(binary.parent / "cache"), "PATH": "/usr/bin:/bin", "GO111MODULE": "off"})

@@ -54,7 +54,8 @@ def test_quickstart_recipe_trains_merges_and_loads_in_peft(tmp_path):
     assert f"trainable params: {info['trainable_params']:,} / " in printed and f"saved adapter to {run}" in " ".join(printed.split())
 
     evaluated = json.loads(lorafam("eval", str(run), "--json").stdout)
-    assert evaluated["loss"] == pytest.approx(info["eval_after"]["loss"], rel=1e-2)
+    # The same fp32 eval of the same rows: equal up to summation order (~1e-7 relative).
+    assert evaluated["loss"] == pytest.approx(info["eval_after"]["loss"], rel=1e-5)
 
     # PEFT reads the adapter we wrote, and its logits equal lorafam's merged model.
     from peft import PeftModel
@@ -75,7 +76,8 @@ def test_quickstart_recipe_trains_merges_and_loads_in_peft(tmp_path):
 
 def test_minilm_classification_recipe_reaches_its_accuracy_on_bbc_news(tmp_path):
     """The shipped recipe as is (100 steps, ~3.5 min on 2 cores): >= 0.88 held-out accuracy. Measured
-    0.897 at its seed 42, 0.919 and 0.928 at seeds 1 and 2 (`--set train.seed=N`, which also moves the
+    0.946 at its seed 42 with MiniLM's own dropout off (model.base_dropout's default); before that
+    default, with it on, 0.897 at seed 42, 0.919 and 0.928 at seeds 1 and 2 (`--set train.seed=N`, which also moves the
     eval split): the bound leaves a draw of dropout masks and split its room."""
     run = tmp_path / "cls"
     lorafam("train", "recipes/classify_bbc.yaml", "--set", f"output_dir={run}")

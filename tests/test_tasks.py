@@ -90,9 +90,13 @@ def test_long_inputs_go_through_the_head_in_chunks_with_the_same_loss_and_gradie
     assert forward_calls > 1 and max(calls) <= 5
     assert len(calls) == 2 * forward_calls  # each chunk recomputed in backward, not kept
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+    # Chunking changes the order of the sums behind every gradient element, and so does the thread
+    # count: an element that nearly cancels carries the rounding of the terms it sums, so the bound
+    # is relative to its tensor's largest element (measured up to 4e-7 of it at 1 and 2 threads).
     for name, p in model.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7)
+            scale = float(expected[name].abs().max())
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
 
 
 def test_a_model_with_logit_softcapping_falls_back_to_the_full_logits():
