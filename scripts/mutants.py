@@ -101,14 +101,14 @@ MUTANTS = [
     ),
     Mutant(
         "resume_on_another_process_count_rewrites_run_json", "another process count is refused in one line, touching nothing",
-        "lorafam/api.py",
-        (("elif (written := checkpoint.state.get(\"processes\", 1)) != state.num_processes:",
-          "elif False and (written := checkpoint.state.get(\"processes\", 1)) != state.num_processes:"),),
+        "lorafam/run.py",
+        (('if checkpoint is not None and (written := checkpoint.state.get("processes", 1)) != processes:',
+          'if False and (written := checkpoint.state.get("processes", 1)) != processes:'),),
         "tests/test_distributed_resume.py",
     ),
     Mutant(
         "resume_starts_a_step_late", "a resumed run takes every step the uninterrupted one takes", "lorafam/trainer.py",
-        (("first_step, last_checkpoint = resume.step + 1, resume.path", "first_step, last_checkpoint = resume.step + 2, resume.path"),),
+        (("return result, resume.step + 1", "return result, resume.step + 2"),),
         "tests/test_distributed_resume.py",
     ),
     Mutant(
@@ -132,7 +132,34 @@ MUTANTS = [
     Mutant(
         "lora_plus_ignores_ratio", "LoRA+ trains B at lr x lr_ratio", "lorafam/adapters/lora_plus.py",
         (("fast = lr * cfg.lr_ratio", "fast = lr"),),
-        "tests/test_lora_family_a.py",
+        "tests/test_pissa_lora_plus_lora_fa.py",
+    ),
+    # Issue 18: the run as objects. The fingerprint pins what every recipe trains.
+    Mutant(
+        "prepare_pass_trains_in_eval_mode", "a run trains exactly what it trained before the restructuring",
+        "lorafam/trainer.py", (("    s.loss_model.train()  # (draws", "    s.loss_model.eval()  # (draws"),),
+        "tests/test_fingerprint.py", "lora_drop and one_process",
+    ),
+    # Issue 19: GLoRA's structure search.
+    Mutant(
+        "supernet_draws_one_structure", "each supernet step draws its own forms", "lorafam/adapters/glora.py",
+        (("draw(layers, self.supernet_seed, step + 1)", "draw(layers, self.supernet_seed, 1)"),),
+        "tests/test_glora_search.py", "seeded_draw",
+    ),
+    Mutant(
+        "search_ignores_the_budget", "no candidate over search.max_params", "lorafam/adapters/glora_search.py",
+        (("if params == 0 or (cfg.max_params is not None and params > cfg.max_params):", "if params == 0:"),),
+        "tests/test_glora_search.py", "budget",
+    ),
+    Mutant(
+        "subnet_takes_the_wrong_column", "the subnet computes what the supernet scored", "lorafam/adapters/glora_search.py",
+        (('"vector": {"X": self.Xd[:, :1]}', '"vector": {"X": self.Xd[:, 1:2]}'),),
+        "tests/test_glora_search.py", "fitness_equals",
+    ),
+    Mutant(
+        "search_repeats_its_last_saved_generation", "a resumed search goes on where it stopped", "lorafam/adapters/glora_search.py",
+        (('first = saved["generation"] + 1', 'first = saved["generation"]'),),
+        "tests/test_glora_search.py", "killed and search",
     ),
 ]
 

@@ -147,6 +147,35 @@ class FakeTools:
         pass
 
 
+class StepThrough(FakeTools):
+    """A supernet pass of ``steps`` steps that records the forms each step trains (the loop calls
+    after_step after each)."""
+
+    def __init__(self, model, batch, variant, steps):
+        super().__init__(model, batch)
+        self.variant, self.steps, self.trained = variant, steps, []
+
+    def __call__(self, dataset, steps, phase):
+        for step in range(1, self.steps + 1):
+            self.trained.append(tuple(layer.active for layer in self.variant.layers.values()))
+            self.variant.after_step(step, self.steps)
+
+
+def test_each_supernet_step_trains_its_own_seeded_draw(tiny_llama):
+    torch.manual_seed(1)
+    config = GLoRAConfig(variant="glora", r=2, target_modules=["q_proj", "v_proj"],
+                         search=GLoRASearch(population=4, generations=1, select=2, mutation=1, crossover=1))
+    variant = GLoRA(config).apply(tiny_llama)
+    tools = StepThrough(tiny_llama, {"input_ids": torch.randint(0, 1000, (2, 8))}, variant, steps=5)
+    supernet_layers = []
+    original = GLoRA._swap
+    variant._swap = lambda path, layer: (supernet_layers.append(layer), original(variant, path, layer))
+    variant.prepare(tools, None, seed=7)
+    layers = supernet_layers[: len(variant.layers)]  # the supernet's, before the subnet replaced them
+    assert tools.trained == [draw(layers, 7, step) for step in range(1, 6)]
+    assert len(set(tools.trained)) > 1
+
+
 def test_a_candidates_fitness_equals_the_eval_of_that_subnet_built_directly(tiny_llama):
     torch.manual_seed(1)
     batch = {"input_ids": torch.randint(0, 1000, (3, 12))}
