@@ -55,7 +55,7 @@ def test_a_toy_regression_task_trains_evaluates_and_merges_through_the_cli_code(
         "model": {"name": str(folder), "task": "regression"},
         "adapter": {"variant": "lora", "r": 4, "target_modules": "all-linear"},
         "data": {"train": str(regression_rows(tmp_path / "rows.jsonl")), "max_length": 24, "eval_split": 0.2},
-        "train": {"max_steps": 60, "batch_size": 8, "lr": 2e-2, "mixed_precision": "no", "log_every": 10},
+        "train": {"max_steps": 120, "batch_size": 8, "lr": 3e-3, "mixed_precision": "no", "log_every": 10},
         "output_dir": str(tmp_path / "run"),
     }))
     result = cli_subprocess(HERE, recipe, tmp_path / "merged", launcher=(sys.executable, "-c", SCRIPT), timeout=600)
@@ -63,7 +63,7 @@ def test_a_toy_regression_task_trains_evaluates_and_merges_through_the_cli_code(
     facts = json.loads(result.stdout.strip().splitlines()[-1])
     assert facts["task_type"] == "SEQ_CLS"  # the task's PEFT task type, written by the unchanged run folder code
     assert facts["before"]["examples"] == facts["after"]["examples"] == 32
-    assert facts["after"]["loss"] < 0.75 * facts["before"]["loss"], facts  # the squared error fell (0.47x when written)
+    assert facts["after"]["loss"] < 0.75 * facts["before"]["loss"], facts  # the squared error fell (0.41x when written)
     assert abs(facts["again"]["loss"] - facts["after"]["loss"]) <= 1e-6 * facts["after"]["loss"]  # eval = the run's own
     assert facts["check"] < 1e-4  # merged folder reloaded by plain transformers gives the adapted logits
     merged = BertForSequenceClassification.from_pretrained(tmp_path / "merged")
