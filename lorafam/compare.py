@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 
-from lorafam.adapters import VARIANTS, AdapterConfig
+from lorafam.adapters import VARIANTS
 from lorafam.errors import LorafamError
 from lorafam.recipe import apply_override, validate_recipe
 from lorafam.run import read_metrics, read_run_info

@@ -14,7 +14,7 @@ from tinyrun import cli, make_chat_data, write_recipe
 from test_distributed import launch, relative_difference
 
 from lorafam.adapters.glora import GLoRA, GLoRAConfig
-from lorafam.adapters.glora_search import CHOICES, TENSORS, GLoRASearch, GLoRASuperLayer, candidate_parameters, draw, evolve, set_active
+from lorafam.adapters.glora_search import CHOICES, TENSORS, GLoRASearch, GLoRASuperLayer, candidate_parameters, draw, evolve
 from lorafam.run import ADAPTER_WEIGHTS
 
 SEARCH = {"supernet_steps": 6, "population": 6, "generations": 3, "select": 2, "mutation": 2, "crossover": 2,
