@@ -17,7 +17,7 @@ import time
 
 import transformers
 from safetensors.torch import load_file
-from test_distributed import ACCELERATE, ROOT, STEPS, assets, launch, launch_env, free_port, recipe  # noqa: F401
+from test_distributed import ACCELERATE, ROOT, STEPS, free_port, launch, launch_env, recipe, train_data  # noqa: F401  (train_data: the chat pairs conftest's assets use here)
 from test_resume import HELD_CLI, assert_same_adapter, comparable
 from tinyrun import cli, read_metrics
 
