@@ -338,3 +338,36 @@ def test_a_run_killed_in_its_supernet_or_search_resumes_to_the_same_structure_an
     assert json.loads((run / "run.json").read_text())["prepare"] == expected  # forms, fitness, every generation
     a, b = load_file(reference / ADAPTER_WEIGHTS), load_file(run / ADAPTER_WEIGHTS)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_a_searched_structure_loads_in_peft_where_peft_computes_the_same_function(uniform, tmp_path):
+    """A search that gave every layer PEFT's kind of forms (A = B, D = E, and no new bias on a layer
+    without one) is written as PEFT's GLoRA and PEFT reproduces the logits; any other is lorafam's."""
+    import peft
+    from test_delta_glora import recipe_for
+    from test_variants import inputs, logits, make_model, perturb
+
+    from lorafam.adapters import build_variant
+    from lorafam.modeling import head_modules
+    from lorafam.run import save_adapter
+
+    model, task = make_model("llama")
+    recipe = recipe_for({"variant": "glora", "r": 4, "target_modules": ["q_proj", "v_proj"], "search": {}}, task)
+    variant = build_variant(recipe.adapter).apply(model, head_modules(model, task))
+    peft_kind = {"A": "lora", "B": "lora", "C": "none", "D": "none", "E": "none"}
+    other = {"A": "vector", "B": "lora", "C": "none", "D": "none", "E": "none"}
+    paths = list(variant.layers)
+    variant.restore({"forms": {p: peft_kind if uniform or i % 2 else other for i, p in enumerate(paths)}})
+    perturb(variant)
+    save_adapter(tmp_path, variant, recipe)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    if not uniform:
+        assert saved["peft_type"] == "LORAFAM_GLORA" and saved["layer_forms"][paths[0]] == other
+        return
+    assert saved["peft_type"] == "GLORA" and saved["config_A_B"] == "lora" and saved["config_C"] == "none"
+    peft_model = peft.PeftModel.from_pretrained(make_model("llama")[0], str(tmp_path)).eval()
+    batch = inputs("llama")
+    ours = logits(model, batch)
+    assert not torch.allclose(ours, logits(make_model("llama")[0], batch), atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(logits(peft_model, batch), ours, atol=1e-5, rtol=1e-5)

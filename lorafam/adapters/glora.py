@@ -402,7 +402,7 @@ class GLoRA(Variant):
                 "forms": self.config.forms.model_dump(),
                 "layer_forms": {k: v.model_dump() for k, v in self.config.layer_forms.items()},
             }
-        forms = self.config.forms
+        forms = next(iter(self.layers.values())).forms  # every layer's (peft_compatible), searched or stated
         return config | {
             "config_A_B": forms.A,
             "config_C": forms.C,
