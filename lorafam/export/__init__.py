@@ -124,8 +124,7 @@ def export_run(run_dir: str | Path, output: str | Path, fmt: str = "gguf", quant
 
 def _export_adapter(run: Any, run_dir: Path, output: Path, quant: str, base: bool, config: Any, tokenizer: Any) -> ExportResult:
     """``--format gguf-lora``: see lorafam.export.adapter."""
-    from lorafam.export.adapter import low_rank_refusal, lora_pairs, strip_adapter, write_lora_gguf
-    from lorafam.merge import load_adapted
+    from lorafam.export.adapter import load_adapted_keeping_base, low_rank_refusal, lora_pairs, strip_adapter, write_lora_gguf
 
     variant_name = run.recipe.adapter.variant
     refusal = low_rank_refusal(run.recipe.adapter)  # before the model loads: it is the variant's nature
@@ -135,7 +134,7 @@ def _export_adapter(run: Any, run_dir: Path, output: Path, quant: str, base: boo
             f"export the merged model instead: lorafam export {run_dir} --format gguf --output DIR"
         )
     architecture = architecture_of(config)
-    model, variant = load_adapted(run)
+    model, variant, own_modules = load_adapted_keeping_base(run)
     if variant.saved_modules:
         raise LorafamError(
             f"--format gguf-lora: the run trains {', '.join(variant.saved_modules)} in full (modules_to_save), which "
@@ -153,7 +152,7 @@ def _export_adapter(run: Any, run_dir: Path, output: Path, quant: str, base: boo
     tmp.mkdir()
     try:
         write_lora_gguf(tmp / adapter_name, pairs, architecture, name=name, tags=["lorafam", variant_name])
-        base_model = strip_adapter(model, variant, getattr(torch, run.recipe.model.dtype))
+        base_model = strip_adapter(model, variant, own_modules, getattr(torch, run.recipe.model.dtype))
         result = ExportResult(
             folder=output, gguf_path=output / adapter_name, size_bytes=(tmp / adapter_name).stat().st_size,
             tensor_types={"F32": 2 * len(pairs)}, ranks={pair.base_tensor: pair.rank for pair in pairs},

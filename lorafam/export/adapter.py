@@ -171,16 +171,34 @@ def write_lora_gguf(path: Path, pairs: list[LoRAPair], architecture: Architectur
         writer.close()
 
 
-def strip_adapter(model: nn.Module, variant: Any, dtype: torch.dtype) -> nn.Module:
-    """``model`` with every adapter layer replaced by its frozen base layer, as a plain float model
-    (a quantized base dequantized into ``dtype``): the base the adapter file applies to."""
+def load_adapted_keeping_base(run: Any) -> tuple[nn.Module, Any, set[str]]:
+    """``lorafam.merge.load_adapted``, also returning the model's module paths before the adapter
+    went in, so ``strip_adapter`` can take out whatever the variant added (LoRA-drop's shared pairs,
+    VeRA's projections) without knowing which variant it was."""
+    from lorafam.modeling import head_modules, load_model
+    from lorafam.run import adapt, load_adapter_weights
+
+    model = load_model(run.recipe.model, run.label_names)
+    own_modules = {path for path, _ in model.named_modules()}
+    variant = adapt(model, run.recipe, head_modules(model, run.recipe.model.task), run.info.get("prepare"))
+    load_adapter_weights(variant, run.folder)
+    return model, variant, own_modules
+
+
+def strip_adapter(model: nn.Module, variant: Any, own_modules: set[str], dtype: torch.dtype) -> nn.Module:
+    """``model`` with every adapter layer replaced by its frozen base layer and every module the
+    variant added removed, as a plain float model (a quantized base dequantized into ``dtype``):
+    the base the adapter file applies to."""
     from lorafam.quant import dequantize_model
 
     for path, layer in variant.layers.items():
         model.set_submodule(path, layer.base_layer)
     variant.layers = {}
+    for path, _ in list(model.named_modules()):
+        parent, _, attr = path.rpartition(".")
+        if path not in own_modules and parent in own_modules:
+            delattr(model.get_submodule(parent) if parent else model, attr)
     model = dequantize_model(model, dtype)
     for param in model.parameters():
         param.requires_grad_(False)
     return model.eval()
-
