@@ -523,7 +523,7 @@ def test_tokenizer_llama_cpp_cannot_run_is_one_clear_line(tmp_path):
     "args, message",
     [
         (["--quant", "q4_k"], "--quant 'q4_k': choose one of f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0"),
-        (["--format", "onnx"], "--format 'onnx': choose one of gguf"),
+        (["--format", "onnx"], "--format 'onnx': choose one of gguf, gguf-lora"),
     ],
 )
 def test_bad_options_are_refused(tmp_path, args, message):

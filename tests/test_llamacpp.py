@@ -303,3 +303,67 @@ def test_variants_that_are_not_a_product_are_refused_in_one_line(case, tmp_path)
     (line,) = result.output.strip().splitlines()
     assert line.startswith("error: --format gguf-lora: a ") and "--format gguf" in line.split("instead")[-1], line
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_modelfile_adds_the_adapter_to_the_base(lora_export):
+    case, _, base, adapter, _ = lora_export
+    lines = (adapter.parent / "Modelfile").read_text().splitlines()
+    assert f"FROM ./{base.name}" in lines and f"ADAPTER ./{adapter.name}" in lines
+    assert lines.index(f"ADAPTER ./{adapter.name}") == lines.index(f"FROM ./{base.name}") + 1
+    assert any(line.startswith('TEMPLATE """') for line in lines) and 'PARAMETER stop "<|im_end|>"' in lines
+
+
+def test_adapter_alone_without_base_says_what_from_must_name(tmp_path):
+    run = build_run(tmp_path, "llama-chatml", steps=4)
+    result = cli("export", run, "--format", "gguf-lora", "--output", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in sorted((tmp_path / "out").glob("*.gguf"))] == ["run-LoRA-F32.gguf"]
+    modelfile = (tmp_path / "out" / "Modelfile").read_text()
+    assert "FROM must be the base model this adapter was trained on" in modelfile
+    assert "ADAPTER ./run-LoRA-F32.gguf\n" in modelfile
+    assert "llama.cpp: llama-completion -m BASE.gguf --lora" in result.output
+    # --base belongs to gguf-lora only.
+    other = cli("export", run, "--format", "gguf", "--base", "--output", tmp_path / "merged")
+    assert other.exit_code == 2 and "--base is for --format gguf-lora" in other.output
+
+
+# ------------------------------------------------------------------------------------------------
+# The packaged SmolLM2 (its real 49k vocabulary and chat template), fine-tuned for a few steps
+
+
+@pytest.mark.slow
+def test_packaged_smollm2_adapter_in_llama_cpp(tmp_path):
+    from tinyrun import cli_subprocess
+
+    llamacpp.tool("llama-completion")  # skip (or fail under CI) before the minutes of training
+    root = Path(__file__).parent.parent
+    run, out = tmp_path / "run", tmp_path / "lora"
+    trained = cli_subprocess(
+        "train", root / "recipes" / "quickstart.yaml",
+        "--set", "train.max_steps=4", "--set", "train.warmup_steps=0", "--set", "train.lr=3e-3",
+        "--set", "data.max_samples=32", "--set", "data.max_length=64", "--set", "train.batch_size=4",
+        "--set", "train.grad_accum=1", "--set", "train.eval_max_batches=1", "--set", "train.sample_prompt=null",
+        "--set", "train.mixed_precision=no", "--set", f"output_dir={run}", timeout=900,
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    exported = cli_subprocess("export", run, "--format", "gguf-lora", "--base", "--quant", "f32", "--output", out, timeout=900)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    adapter = next(out.glob("*-LoRA-F32.gguf"))
+    base = next(p for p in out.glob("*.gguf") if p != adapter)
+    assert adapter.stat().st_size < 2**22  # r=8 on q/k/v/o of 30 blocks: ~3.5 MB, not the model's 0.5 GB
+
+    tokenizer = AutoTokenizer.from_pretrained(run)
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in 3 words."}]
+    chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert llamacpp.tokenize(base, chat) == tokenizer(chat)["input_ids"]
+
+    model, _ = load_adapted(open_run(run))
+    model = dequantize_model(model, torch.float32).eval()
+    banned = banned_ids(tokenizer, model.get_input_embeddings().weight.shape[0])
+    want = continuation(tokenizer, model, prompt=chat)
+    assert llamacpp.complete(base, chat, NEW_TOKENS, lora=adapter, banned=banned) == want
+    text = words_file(tmp_path)
+    ppl = transformers_perplexity(tokenizer, model, text)
+    with_lora, base_only = llama_perplexity(base, text, lora=adapter), llama_perplexity(base, text)
+    assert abs(with_lora - ppl) < 1e-3 * ppl, (with_lora, ppl)
+    assert abs(base_only - ppl) > 1e-3 * ppl, (base_only, ppl)  # the adapter is applied
