@@ -221,7 +221,7 @@ def inspect(
 @user_errors
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder (train's output_dir).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="New folder for the GGUF, Modelfile and model card.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="New folder for the GGUF file(s) and Modelfile (and, for gguf, a model card).")],
     format: Annotated[
         str,
         typer.Option(
@@ -231,7 +231,11 @@ def export(
         ),
     ] = "gguf",
     quant: Annotated[
-        str, typer.Option(help="GGUF tensor type of the weight matrices: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0.")
+        str,
+        typer.Option(
+            help="GGUF tensor type of the weight matrices: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0 "
+            "(gguf-lora: of the --base file; the adapter is f32).",
+        ),
     ] = "f16",
     base: Annotated[
         bool, typer.Option("--base", help="gguf-lora: also write the base model's GGUF (at --quant) beside the adapter.")
