@@ -6,7 +6,7 @@ Exports RUN_DIR merged (``--format gguf``) and as base + adapter (``--format ggu
 ``--quant``, then runs llama-completion (from scripts/build_llamacpp.sh's cache, see
 tests/llamacpp.py) greedily on one prompt, 64 new tokens, with the merged file and with the base +
 ``--lora``, ``--repeats`` times each, and prints each setup's median prompt-processing and generation
-tokens/s from llama.cpp's own timing lines, and whether the two continuations are the same text.
+tokens/s from llama.cpp's own timing lines, and whether the two continuations are the same text (and for how many words).
 """
 
 from __future__ import annotations
@@ -66,7 +66,10 @@ def main() -> None:
         pp = statistics.median(r[1]["prompt eval"] for r in runs)
         tg = statistics.median(r[1]["eval"] for r in runs)
         print(f"{name}: prompt {pp:.1f} tok/s, generation {tg:.1f} tok/s (median of {args.repeats}, -t {args.threads})")
-    print(f"same continuation: {texts['merged'] == texts['base + --lora']}: {texts['merged'][:120]!r}")
+    a, b = texts["merged"], texts["base + --lora"]
+    common = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    print(f"same continuation: {a == b} (first {len(a[:common].split())} words equal)")
+    print(f"  merged:        {a[:200]!r}\n  base + --lora: {b[:200]!r}")
 
 
 if __name__ == "__main__":
