@@ -221,18 +221,44 @@ def inspect(
 @user_errors
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder (train's output_dir).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="New folder for the GGUF, Modelfile and model card.")],
-    format: Annotated[str, typer.Option("--format", help="File format: gguf (llama.cpp, Ollama, LM Studio).")] = "gguf",
+    output: Annotated[Path, typer.Option("--output", "-o", help="New folder for the GGUF file(s) and Modelfile (and, for gguf, a model card).")],
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="gguf: the merged model, one file (llama.cpp, Ollama, LM Studio); gguf-lora: the adapter alone as a "
+            "llama.cpp LoRA file (--lora, Ollama's ADAPTER), for the variants whose update is a low-rank product.",
+        ),
+    ] = "gguf",
     quant: Annotated[
-        str, typer.Option(help="GGUF tensor type of the weight matrices: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0.")
+        str,
+        typer.Option(
+            help="GGUF tensor type of the weight matrices: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0 "
+            "(gguf-lora: of the --base file; the adapter is f32).",
+        ),
     ] = "f16",
+    base: Annotated[
+        bool, typer.Option("--base", help="gguf-lora: also write the base model's GGUF (at --quant) beside the adapter.")
+    ] = False,
 ) -> None:
-    """Merge the adapter and write one GGUF file (+ Ollama Modelfile, model card)."""
+    """Write the run as GGUF: merged into one file, or the adapter alone (+ Ollama Modelfile)."""
     from lorafam.export import export_run
 
-    result = export_run(run_dir, output, fmt=format, quant=quant)
+    result = export_run(run_dir, output, fmt=format, quant=quant, base=base)
     types = ", ".join(f"{count} {name}" for name, count in sorted(result.tensor_types.items()))
-    out.print(f"GGUF written to {result.gguf_path} ({result.size_bytes / 2**20:.1f} MiB; tensors: {types})", soft_wrap=True)
+    if format == "gguf-lora":
+        ranks = sorted(set(result.ranks.values()))
+        shown = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+        out.print(
+            f"LoRA GGUF written to {result.gguf_path} ({result.size_bytes / 2**20:.2f} MiB; {len(result.ranks)} tensors "
+            f"adapted, {shown})", soft_wrap=True,
+        )
+        if result.base_gguf_path is not None:
+            out.print(f"base GGUF written to {result.base_gguf_path} ({result.base_size_bytes / 2**20:.1f} MiB)", soft_wrap=True)
+        base_file = result.base_gguf_path or "BASE.gguf"
+        out.print(f"llama.cpp: llama-completion -m {base_file} --lora {result.gguf_path}", soft_wrap=True)
+    else:
+        out.print(f"GGUF written to {result.gguf_path} ({result.size_bytes / 2**20:.1f} MiB; tensors: {types})", soft_wrap=True)
     out.print(f"Ollama: ollama create NAME -f {result.folder / 'Modelfile'}", soft_wrap=True)
     for note in result.notes:
         out.print(f"note: this file {note}", markup=False, soft_wrap=True)

@@ -195,10 +195,12 @@ def padded(n: int, multiple: int = 64) -> int:
     return -(-n // multiple) * multiple
 
 
-def build_run(root: Path, name: str, adapter: dict | None = None, steps: int = 12, model_keys: dict | None = None) -> Path:
+def build_run(root: Path, name: str, adapter: dict | None = None, steps: int = 12, model_keys: dict | None = None,
+              data: Path | None = None, config_keys: dict | None = None) -> Path:
     config_class, model_class, make_tokenizer, tied, _, _ = MODELS[name]
     tokenizer = make_tokenizer()
-    config = config_class(vocab_size=padded(len(tokenizer)), tie_word_embeddings=tied, eos_token_id=tokenizer.eos_token_id, **SHAPE)
+    config = config_class(vocab_size=padded(len(tokenizer)), tie_word_embeddings=tied, eos_token_id=tokenizer.eos_token_id,
+                          **(SHAPE | (config_keys or {})))
     if config_class is MistralConfig:
         config.sliding_window = None
     torch.manual_seed(0)
@@ -209,7 +211,7 @@ def build_run(root: Path, name: str, adapter: dict | None = None, steps: int = 1
                 param.normal_(0, 0.5)
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
-    data = make_text_data(root / "train.jsonl")
+    data = data or make_text_data(root / "train.jsonl")
     section = adapter or {"variant": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
     recipe = write_recipe(root / "recipe.yaml", root / "model", data, root / "run", adapter=section,
                           train={"max_steps": steps, "lr": 5e-2, "save_every": None})
@@ -522,7 +524,7 @@ def test_tokenizer_llama_cpp_cannot_run_is_one_clear_line(tmp_path):
     "args, message",
     [
         (["--quant", "q4_k"], "--quant 'q4_k': choose one of f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0"),
-        (["--format", "onnx"], "--format 'onnx': choose one of gguf"),
+        (["--format", "onnx"], "--format 'onnx': choose one of gguf, gguf-lora"),
     ],
 )
 def test_bad_options_are_refused(tmp_path, args, message):

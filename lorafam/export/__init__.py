@@ -1,4 +1,15 @@
-"""`lorafam export`: a finished run as one file that llama.cpp, Ollama and LM Studio run.
+"""`lorafam export`: a finished run as files that llama.cpp, Ollama and LM Studio run.
+
+Two formats. ``gguf`` (below) merges the adapter into the base and writes one model file.
+``gguf-lora`` writes the adapter alone as a llama.cpp LoRA file, for `llama-cli -m BASE.gguf --lora
+ADAPTER.gguf` and Ollama's ``ADAPTER`` (see lorafam.export.adapter for which variants it can hold):
+
+    OUTPUT/
+      <run>-LoRA-F32.gguf        the adapter (a few MB)
+      <base>-<QUANT>.gguf        the base model, with ``base=True`` (``--base``); else bring your own
+      Modelfile                  FROM the base, ADAPTER the adapter
+
+For ``gguf``:
 
 The run is merged exactly as `lorafam merge` merges it (a quantized base is dequantized first, see
 lorafam.merge), then written as a GGUF file with the architecture's hyperparameters, the tokenizer
@@ -31,7 +42,7 @@ from lorafam.export.ollama import ChatFormat, build_modelfile, infer_chat_format
 from lorafam.export.tensors import FILE_TYPES, QUANT_TYPES, architecture_of, gguf_tensors, write_hyperparameters
 from lorafam.export.vocab import Vocab, read_vocab
 
-FORMATS = ("gguf",)
+FORMATS = ("gguf", "gguf-lora")
 MODELFILE = "Modelfile"
 #: Ollama's context window default when the model allows more: memory grows with it.
 MAX_DEFAULT_CONTEXT = 8192
@@ -46,10 +57,16 @@ class ExportResult:
     tensor_types: dict[str, int]
     modelfile_warning: str | None = None
     notes: list[str] = field(default_factory=list)
+    #: gguf-lora: the base model's GGUF written beside the adapter (``base=True``), else None.
+    base_gguf_path: Path | None = None
+    base_size_bytes: int | None = None
+    #: gguf-lora: the rank of each adapted tensor's pair, by GGUF base tensor name.
+    ranks: dict[str, int] = field(default_factory=dict)
 
 
-def export_run(run_dir: str | Path, output: str | Path, fmt: str = "gguf", quant: str = "f16") -> ExportResult:
-    """Merge the run in ``run_dir`` and write it to the new folder ``output`` as ``fmt``."""
+def export_run(run_dir: str | Path, output: str | Path, fmt: str = "gguf", quant: str = "f16", base: bool = False) -> ExportResult:
+    """Write the run in ``run_dir`` to the new folder ``output`` as ``fmt``: ``gguf`` merged, or
+    ``gguf-lora`` the adapter alone (with the base model's GGUF at ``quant`` when ``base``)."""
     from lorafam.card import write_model_card
     from lorafam.merge import merged_model
     from lorafam.modeling import load_config, load_tokenizer
@@ -71,6 +88,11 @@ def export_run(run_dir: str | Path, output: str | Path, fmt: str = "gguf", quant
     tokenizer = load_tokenizer(run.recipe.model)
     read_vocab(tokenizer, config.vocab_size)
 
+    if fmt == "gguf-lora":
+        return _export_adapter(run, Path(run_dir), output, quant, base, config, tokenizer)
+    if base:
+        raise LorafamError("--base is for --format gguf-lora (the merged GGUF already holds the base)")
+
     model = merged_model(run)
     name = _file_stem(Path(run_dir))
     gguf_name = f"{name}-{quant.upper()}.gguf"
@@ -91,6 +113,62 @@ def export_run(run_dir: str | Path, output: str | Path, fmt: str = "gguf", quant
             tensor_types=written.tensor_types, modelfile_warning=modelfile.warning, notes=written.notes,
         )
         write_model_card(tmp, run, "gguf", gguf_file=gguf_name, quant=quant, notes=written.notes)
+        if output.exists():
+            output.rmdir()
+        tmp.rename(output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def _export_adapter(run: Any, run_dir: Path, output: Path, quant: str, base: bool, config: Any, tokenizer: Any) -> ExportResult:
+    """``--format gguf-lora``: see lorafam.export.adapter."""
+    from lorafam.export.adapter import load_adapted_keeping_base, low_rank_refusal, lora_pairs, strip_adapter, write_lora_gguf
+
+    variant_name = run.recipe.adapter.variant
+    refusal = low_rank_refusal(run.recipe.adapter)  # before the model loads: it is the variant's nature
+    if refusal is not None:
+        raise LorafamError(
+            f"--format gguf-lora: a {variant_name} adapter cannot be a llama.cpp LoRA file: {refusal}; "
+            f"export the merged model instead: lorafam export {run_dir} --format gguf --output DIR"
+        )
+    architecture = architecture_of(config)
+    model, variant, own_modules = load_adapted_keeping_base(run)
+    if variant.saved_modules:
+        raise LorafamError(
+            f"--format gguf-lora: the run trains {', '.join(variant.saved_modules)} in full (modules_to_save), which "
+            "a LoRA file cannot hold; use --format gguf"
+        )
+    pairs = lora_pairs(model, variant, architecture)
+    name = _file_stem(run_dir)
+    adapter_name = f"{name}-LoRA-F32.gguf"
+    base_stem = _file_stem(Path(str(run.recipe.model.name)))
+    base_name = f"{base_stem}-{quant.upper()}.gguf"
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".{output.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write_lora_gguf(tmp / adapter_name, pairs, architecture, name=name, tags=["lorafam", variant_name])
+        base_model = strip_adapter(model, variant, own_modules, getattr(torch, run.recipe.model.dtype))
+        result = ExportResult(
+            folder=output, gguf_path=output / adapter_name, size_bytes=(tmp / adapter_name).stat().st_size,
+            tensor_types={"F32": 2 * len(pairs)}, ranks={pair.base_tensor: pair.rank for pair in pairs},
+        )
+        vocab_size = base_model.get_input_embeddings().weight.shape[0]
+        if base:
+            written = write_gguf(tmp / base_name, base_model, tokenizer, quant, name=base_stem)
+            chat, adds_bos = written.chat, written.adds_bos
+            result.base_gguf_path, result.base_size_bytes = output / base_name, (tmp / base_name).stat().st_size
+        else:
+            chat, adds_bos = infer_chat_format(tokenizer), read_vocab(tokenizer, vocab_size).add_bos
+        modelfile = build_modelfile(
+            base_name, tokenizer, chat, adds_bos, min(base_model.config.max_position_embeddings, MAX_DEFAULT_CONTEXT),
+            sampling_defaults(base_model), adapter=adapter_name, base_written=base,
+        )
+        (tmp / MODELFILE).write_text(modelfile.text)
+        result.modelfile_warning = modelfile.warning
         if output.exists():
             output.rmdir()
         tmp.rename(output)

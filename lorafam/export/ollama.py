@@ -261,9 +261,26 @@ def stop_tokens(chat: ChatFormat | None, tokenizer: Any) -> list[str]:
     return list(dict.fromkeys(stops))
 
 
-def build_modelfile(gguf_name: str, tokenizer: Any, chat: ChatFormat | None, adds_bos: bool, context_length: int, sampling: dict[str, float]) -> Modelfile:
-    """The Modelfile text that ``ollama create NAME -f Modelfile`` reads, next to ``gguf_name``."""
-    lines = ["# Written by lorafam export. Create the model with: ollama create NAME -f Modelfile", f"FROM ./{gguf_name}", ""]
+def build_modelfile(
+    gguf_name: str, tokenizer: Any, chat: ChatFormat | None, adds_bos: bool, context_length: int, sampling: dict[str, float],
+    adapter: str | None = None, base_written: bool = True,
+) -> Modelfile:
+    """The Modelfile text that ``ollama create NAME -f Modelfile`` reads, next to ``gguf_name``.
+
+    With ``adapter`` (a LoRA GGUF next to it), ``gguf_name`` is the base model and the Modelfile adds
+    ``ADAPTER``; when the base was not written (``base_written=False``) a comment says what FROM
+    must name.
+    """
+    lines = ["# Written by lorafam export. Create the model with: ollama create NAME -f Modelfile"]
+    if adapter is not None and not base_written:
+        lines.append(
+            f"# FROM must be the base model this adapter was trained on, as GGUF: {gguf_name} is the name `lorafam "
+            "export RUN --format gguf-lora --base` gives it; point FROM at your copy (or an Ollama model of that base)."
+        )
+    lines.append(f"FROM ./{gguf_name}")
+    if adapter is not None:
+        lines.append(f"ADAPTER ./{adapter}")
+    lines.append("")
     warning = None
     if chat is not None:
         bos = getattr(tokenizer, "bos_token", None)
