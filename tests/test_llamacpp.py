@@ -27,7 +27,6 @@ import pytest
 import torch
 from test_export import MODELS, build_run, gguf_file
 from tinyrun import WORDS, adapter_section, cli
-from tinyrun import one_thread  # noqa: F401  (an autouse fixture, active where imported)
 from transformers import AutoTokenizer
 
 import llamacpp

@@ -181,7 +181,7 @@ def load_adapted_keeping_base(run: Any) -> tuple[nn.Module, Any, set[str]]:
 
     model = load_model(run.recipe.model, run.label_names)
     own_modules = {path for path, _ in model.named_modules()}
-    variant = adapt(model, run.recipe, head_modules(model, run.recipe.model.task), run.info.get("prepare"))
+    variant = adapt(model, run.recipe, head_modules(model, run.recipe.model.task), run.info.prepare)
     load_adapter_weights(variant, run.folder)
     return model, variant, own_modules
 
