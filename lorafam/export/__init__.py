@@ -30,6 +30,8 @@ from __future__ import annotations
 import re
 import shutil
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,11 +99,7 @@ def export_run(run_dir: str | Path, output: str | Path, fmt: str = "gguf", quant
     name = _file_stem(Path(run_dir))
     gguf_name = f"{name}-{quant.upper()}.gguf"
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with _staged(output) as tmp:
         written = write_gguf(tmp / gguf_name, model, tokenizer, quant, name=name, tags=["lorafam", run.recipe.adapter.variant])
         modelfile = build_modelfile(
             gguf_name, tokenizer, written.chat, written.adds_bos,
@@ -113,12 +111,24 @@ def export_run(run_dir: str | Path, output: str | Path, fmt: str = "gguf", quant
             tensor_types=written.tensor_types, modelfile_warning=modelfile.warning, notes=written.notes,
         )
         write_model_card(tmp, run, "gguf", gguf_file=gguf_name, quant=quant, notes=written.notes)
+    return result
+
+
+@contextmanager
+def _staged(output: Path) -> Iterator[Path]:
+    """A hidden folder beside ``output`` to write into, renamed to ``output`` only when the block
+    finishes: a killed or failed export leaves no half-written folder under the real name."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".{output.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
         if output.exists():
             output.rmdir()
         tmp.rename(output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return result
 
 
 def _export_adapter(run: Any, run_dir: Path, output: Path, quant: str, base: bool, config: Any, tokenizer: Any) -> ExportResult:
@@ -145,11 +155,7 @@ def _export_adapter(run: Any, run_dir: Path, output: Path, quant: str, base: boo
     base_stem = _file_stem(Path(str(run.recipe.model.name)))
     base_name = f"{base_stem}-{quant.upper()}.gguf"
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with _staged(output) as tmp:
         write_lora_gguf(tmp / adapter_name, pairs, architecture, name=name, tags=["lorafam", variant_name])
         base_model = strip_adapter(model, variant, own_modules, getattr(torch, run.recipe.model.dtype))
         result = ExportResult(
@@ -169,11 +175,6 @@ def _export_adapter(run: Any, run_dir: Path, output: Path, quant: str, base: boo
         )
         (tmp / MODELFILE).write_text(modelfile.text)
         result.modelfile_warning = modelfile.warning
-        if output.exists():
-            output.rmdir()
-        tmp.rename(output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return result
 
 
