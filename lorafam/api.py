@@ -104,8 +104,8 @@ def train(
     folder.start(spec, built.tokenizer, info, overwrite)  # everything is validated: only now is the disk touched
     state.wait_for_everyone()
     with Trackers(spec.train.report_to, folder.path, spec.model_dump(mode="json"), built.precision.mixed_precision) as trackers:
-        _prepare(built, folder, info, console, trackers)
         try:
+            _prepare(built, folder, info, console, trackers)
             result = fit(built, folder, console, resume=folder.checkpoint, on_row=trackers.log)
         except TrainingStopped as stopped:
             info.status, info.stopped_at_step = stopped.status, stopped.step
@@ -157,7 +157,8 @@ class PrepareTools:
         self.progress: Any = None
 
     def __call__(self, dataset: Any, steps: int | None, phase: str) -> Any:
-        return fit(self.built, self.folder, self.console, phase=phase, data=dataset, steps=steps, on_row=self.on_row)
+        resume = self.folder.phases.get(phase)  # a resumed run killed inside this pass goes on from its checkpoint
+        return fit(self.built, self.folder, self.console, phase=phase, data=dataset, steps=steps, resume=resume, on_row=self.on_row)
 
     def fitness(self, max_examples: int) -> float:
         """The task's search fitness (minus the eval loss; a classifier's accuracy) on the first

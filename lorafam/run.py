@@ -227,11 +227,13 @@ class RunFolder:
     touches the disk.
     """
 
-    def __init__(self, path: Path, writes: bool, previous: RunInfo | None = None, checkpoint: Any = None):
+    def __init__(self, path: Path, writes: bool, previous: RunInfo | None = None, checkpoint: Any = None,
+                 phases: dict[str, Any] | None = None):
         self.path = path
         self.writes = writes
         self.previous = previous  # run.json of the run being resumed (None: a fresh run)
         self.checkpoint = checkpoint  # lorafam.checkpoint.Checkpoint it resumes from, or None
+        self.phases = phases or {}  # a preparatory pass's name -> the Checkpoint it goes on from
 
     @classmethod
     def open(cls, recipe: Recipe, overwrite: bool, resume: bool, writes: bool, warn: Callable[[str], None],
@@ -246,12 +248,22 @@ class RunFolder:
             return cls(path, writes)
         previous = read_run_info(path)
         checkpoint = None if previous.status == "complete" and (path / ADAPTER_WEIGHTS).is_file() else find_latest_checkpoint(path, warn)
-        if checkpoint is not None and (written := checkpoint.state.get("processes", 1)) != processes:
-            raise LorafamError(
-                f"checkpoint {checkpoint.path} was written on {written} process(es); this run has {processes}: "
-                f"resume it on {written} (accelerate launch --num_processes {written}), or start over with --overwrite"
-            )
-        return cls(path, writes, previous, checkpoint)
+        # Killed before the main run's first checkpoint: the preparatory passes' own checkpoints.
+        phases = {} if checkpoint is not None or not (path / PREPARE_STATE).is_dir() else {
+            p.name: found for p in sorted((path / PREPARE_STATE).iterdir()) if p.is_dir() and (found := find_latest_checkpoint(p, warn))
+        }
+        for found in [checkpoint, *phases.values()]:
+            if found is not None and (written := found.state.get("processes", 1)) != processes:
+                raise LorafamError(
+                    f"checkpoint {found.path} was written on {written} process(es); this run has {processes}: "
+                    f"resume it on {written} (accelerate launch --num_processes {written}), or start over with --overwrite"
+                )
+        return cls(path, writes, previous, checkpoint, phases)
+
+    def phase(self, name: str) -> "RunFolder":
+        """Where the preparatory pass ``name`` keeps its checkpoints: prepare/<name>/ (only while the
+        run has none of its own; a resumed run finds them in ``phases``)."""
+        return RunFolder(self.path / PREPARE_STATE / name, self.writes)
 
     @property
     def finished(self) -> bool:

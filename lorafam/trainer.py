@@ -192,18 +192,23 @@ def total_steps(recipe: Recipe, n_train: int, processes: int = 1) -> int:
 
 
 class Pass:
-    """A variant's preparatory pass (LoRA-drop's probe run), and the interface of every pass.
+    """A variant's preparatory pass (LoRA-drop's probe run, GLoRA's supernet), and the interface of
+    every pass.
 
     One pass over its data (the last, partial global batch kept, so each example is seen once), a
-    warmup in proportion to its length, metrics rows tagged with its name; no eval, no samples, no
-    checkpoints, no signal handling. ``MainPass`` is the run itself.
+    warmup in proportion to its length, metrics rows tagged with its name; no eval and no samples.
+    Like the main run it checkpoints every ``train.save_every`` steps and on SIGINT/SIGTERM, into
+    its own folder (``folder``: the run's prepare/<name>/), and goes on from ``resume``, so a run
+    killed inside a long preparatory pass loses only the steps since its last checkpoint.
+    ``MainPass`` is the run itself.
     """
 
     partial_last = True
     last_checkpoint: Path | None = None
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, name: str, folder: RunFolder | None = None, resume: Checkpoint | None = None):
+        self.name, self.folder, self.resume = name, folder, resume
+        self.stop: StopRequests | None = None
 
     def steps(self, recipe: Recipe, n_examples: int, processes: int) -> int:
         """One pass over ``n_examples`` in global batches."""
@@ -214,7 +219,7 @@ class Pass:
         return min(recipe.train.warmup_steps, steps // 10)
 
     def wants_checkpoints(self, recipe: Recipe) -> bool:
-        return False
+        return self.folder is not None and bool(recipe.train.save_every)
 
     def announce(self, console: Console, engine: Engine) -> None:
         """Printed once the pass is set up."""
@@ -229,65 +234,13 @@ class Pass:
 
     def begin(self, s: "Session", console: Console) -> tuple["TrainResult", int]:
         """The result to fill and the first step to take."""
-        return TrainResult(steps=s.steps, eval_before=None, eval_after=None), 1
+        if self.resume is None:
+            return TrainResult(steps=s.steps, eval_before=None, eval_after=None), 1
+        return self.resumed(s, console)
 
-    def keeps_row(self, row: dict[str, Any]) -> bool:
-        """Which rows of metrics.jsonl from before stay: all but this pass's own (a pass run again
-        after a kill logs them again)."""
-        return row.get("phase") != self.name
-
-    def evaluate(self, s: "Session") -> dict[str, float] | None:
-        return None
-
-    def sample(self, s: "Session") -> str | None:
-        return None
-
-    def stop_requests(self) -> AbstractContextManager[Any]:
-        return nullcontext()
-
-    def after_step(self, s: "Session", step: int, result: "TrainResult") -> None:
-        """Checkpoints and signals, after each optimizer step."""
-
-
-class MainPass(Pass):
-    """The run itself: evaluates and samples before and after, checkpoints every ``train.save_every``
-    steps into ``folder``, stops with a checkpoint on SIGINT/SIGTERM, and resumes from ``resume``."""
-
-    partial_last = False
-
-    def __init__(self, folder: RunFolder, tokenizer: Any, resume: Checkpoint | None = None):
-        super().__init__("main")
-        self.folder, self.tokenizer, self.resume = folder, tokenizer, resume
-        self.stop: StopRequests | None = None
-
-    def steps(self, recipe: Recipe, n_examples: int, processes: int) -> int:
-        return total_steps(recipe, n_examples, processes)
-
-    def warmup(self, recipe: Recipe, steps: int) -> int | None:
-        return None  # the recipe's
-
-    def wants_checkpoints(self, recipe: Recipe) -> bool:
-        return bool(recipe.train.save_every)
-
-    def announce(self, console: Console, engine: Engine) -> None:
-        console.print(f"engine: {engine.name} on {engine.num_processes} process(es)", soft_wrap=True)
-
-    def row(self, row: dict[str, Any]) -> dict[str, Any]:
-        return row
-
-    @property
-    def line_prefix(self) -> str:
-        return ""
-
-    def begin(self, s: "Session", console: Console) -> tuple["TrainResult", int]:
+    def resumed(self, s: "Session", console: Console) -> tuple["TrainResult", int]:
+        """The state ``resume`` holds put back: adapter, variant state, optimizer, scheduler, RNGs."""
         resume = self.resume
-        if resume is None:
-            result = TrainResult(steps=s.steps, eval_before=self.evaluate(s), eval_after=None, sample_before=self.sample(s))
-            if result.eval_before:
-                console.print(f"eval before: {s.task.format_metrics(result.eval_before)}")
-            if result.sample_before is not None:
-                console.print(f"sample before: {result.sample_before!r}")
-            return result, 1
         s.engine.check_resumable()
         if resume.state.get("total_steps") != s.steps or resume.state.get("processes", 1) != s.engine.num_processes:
             raise LorafamError(
@@ -304,34 +257,31 @@ class MainPass(Pass):
             final_train_loss=resume.state.get("final_train_loss"),
             skipped_steps=resume.state.get("skipped_steps", 0),
         )
-        console.print(f"resuming from {resume.path} (step {resume.step}/{s.steps})", soft_wrap=True)
+        console.print(f"resuming {self.line_prefix}from {resume.path} (step {resume.step}/{s.steps})", soft_wrap=True)
         restore_rng(resume)  # last, so nothing between here and the first step draws from it
         return result, resume.step + 1
 
     def keeps_row(self, row: dict[str, Any]) -> bool:
-        # Every preparatory pass's rows; main rows up to the checkpoint (the steps after it are taken again).
-        return "phase" in row or row.get("step", 0) <= (self.resume.step if self.resume is not None else 0)
+        """Which rows of metrics.jsonl from before stay: all but this pass's own past its checkpoint
+        (a pass run again after a kill logs them again)."""
+        return row.get("phase") != self.name or row.get("step", 0) <= (self.resume.step if self.resume is not None else 0)
 
     def evaluate(self, s: "Session") -> dict[str, float] | None:
-        if s.data.eval is None:
-            return None
-        cfg = s.recipe.train
-        return evaluate(
-            s.loss_model, s.task, s.data.eval, s.collate, cfg.eval_batch_size or cfg.batch_size,
-            cfg.eval_max_batches, eval_autocast(s), s.engine.process_index, s.engine.num_processes,
-        )
+        return None
 
     def sample(self, s: "Session") -> str | None:
-        if not s.task.generates or not s.recipe.train.sample_prompt:
-            return None
-        with s.engine.autocast():
-            return generate_sample(s.model, self.tokenizer, s.recipe.train.sample_prompt, s.recipe.train.sample_max_new_tokens)
+        return None
 
     def stop_requests(self) -> AbstractContextManager[Any]:
+        if self.folder is None:
+            return nullcontext()
         self.stop = StopRequests()
         return self.stop
 
     def after_step(self, s: "Session", step: int, result: "TrainResult") -> None:
+        """Checkpoints every ``train.save_every`` steps and on a signal, after each optimizer step."""
+        if self.folder is None:
+            return
         cfg = s.recipe.train
         if cfg.save_every and step % cfg.save_every == 0 and step != s.steps:
             self.last_checkpoint = self.checkpoint(s, step, result)
@@ -352,6 +302,62 @@ class MainPass(Pass):
             "skipped_steps": result.skipped_steps,
         }
         return self.folder.save_checkpoint(step, s.variant, s.optimizer, s.scheduler, state, s.recipe.train.keep_last, s.loss_model)
+
+
+class MainPass(Pass):
+    """The run itself: evaluates and samples before and after, checkpoints every ``train.save_every``
+    steps into the run folder, stops with a checkpoint on SIGINT/SIGTERM, and resumes from ``resume``."""
+
+    partial_last = False
+
+    def __init__(self, folder: RunFolder, tokenizer: Any, resume: Checkpoint | None = None):
+        super().__init__("main", folder, resume)
+        self.tokenizer = tokenizer
+
+    def steps(self, recipe: Recipe, n_examples: int, processes: int) -> int:
+        return total_steps(recipe, n_examples, processes)
+
+    def warmup(self, recipe: Recipe, steps: int) -> int | None:
+        return None  # the recipe's
+
+    def announce(self, console: Console, engine: Engine) -> None:
+        console.print(f"engine: {engine.name} on {engine.num_processes} process(es)", soft_wrap=True)
+
+    def row(self, row: dict[str, Any]) -> dict[str, Any]:
+        return row
+
+    @property
+    def line_prefix(self) -> str:
+        return ""
+
+    def begin(self, s: "Session", console: Console) -> tuple["TrainResult", int]:
+        if self.resume is not None:
+            return self.resumed(s, console)
+        result = TrainResult(steps=s.steps, eval_before=self.evaluate(s), eval_after=None, sample_before=self.sample(s))
+        if result.eval_before:
+            console.print(f"eval before: {s.task.format_metrics(result.eval_before)}")
+        if result.sample_before is not None:
+            console.print(f"sample before: {result.sample_before!r}")
+        return result, 1
+
+    def keeps_row(self, row: dict[str, Any]) -> bool:
+        # Every preparatory pass's rows; main rows up to the checkpoint (the steps after it are taken again).
+        return "phase" in row or row.get("step", 0) <= (self.resume.step if self.resume is not None else 0)
+
+    def evaluate(self, s: "Session") -> dict[str, float] | None:
+        if s.data.eval is None:
+            return None
+        cfg = s.recipe.train
+        return evaluate(
+            s.loss_model, s.task, s.data.eval, s.collate, cfg.eval_batch_size or cfg.batch_size,
+            cfg.eval_max_batches, eval_autocast(s), s.engine.process_index, s.engine.num_processes,
+        )
+
+    def sample(self, s: "Session") -> str | None:
+        if not s.task.generates or not s.recipe.train.sample_prompt:
+            return None
+        with s.engine.autocast():
+            return generate_sample(s.model, self.tokenizer, s.recipe.train.sample_prompt, s.recipe.train.sample_max_new_tokens)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -563,7 +569,7 @@ def train(
     engine = Engine.create(precision or choose_precision(recipe.train.mixed_precision), variant.leaves_parameters_unused)
     if not isinstance(folder, RunFolder):
         folder = RunFolder(Path(folder), writes=engine.is_main_process)
-    this = MainPass(folder, tokenizer, resume) if phase == "main" else Pass(phase)
+    this = MainPass(folder, tokenizer, resume) if phase == "main" else Pass(phase, folder.phase(phase), resume)
     torch.manual_seed(recipe.train.seed)
     try:
         s = set_up(recipe, model, variant, tokenizer, data, this, steps, engine, console)

@@ -4,6 +4,8 @@ budget, the subnet it hands over, and whole runs through the CLI on a tiny Llama
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -300,38 +302,54 @@ class Killed(Exception):
     """Stands for a SIGKILL: the run stops where it is, nothing more is written."""
 
 
-@pytest.mark.parametrize("where", ["supernet", "search"])
+@pytest.mark.parametrize("where", ["supernet", "supernet-sigterm", "search"])
 def test_a_run_killed_in_its_supernet_or_search_resumes_to_the_same_structure_and_adapter(where, tmp_path, assets, monkeypatch):
+    """Killed (or stopped by SIGTERM) inside the supernet pass, the run goes on from the pass's own
+    checkpoint; killed in the search, from the last generation saved. Either way it ends with the
+    structure, the run.json record and the adapter of the uninterrupted run."""
     import lorafam.api as api_module
     import lorafam.run as run_folder
     from lorafam import api
 
     reference = trained(search_recipe(tmp_path, assets, "reference"))
     path = search_recipe(tmp_path, assets, "run")
-    if where == "supernet":  # after the supernet's third step is logged
+    run = tmp_path / "run"
+    if where.startswith("supernet"):  # as the supernet's third step is logged (its checkpoint every 2 steps)
         write = run_folder.write_metrics
 
-        def write_then_die(handle, row):
+        def write_then_stop(handle, row):
             write(handle, row)
             if row.get("phase") == "glora_supernet" and row["step"] == 3:
-                raise Killed
+                if where == "supernet":
+                    raise Killed
+                os.kill(os.getpid(), signal.SIGTERM)
 
-        monkeypatch.setattr(run_folder, "write_metrics", write_then_die)
+        monkeypatch.setattr(run_folder, "write_metrics", write_then_stop)
     else:  # as generation 2 is reported: generation 1's state is saved, 2's children are not
         def die(self, generation, *args):
             if generation == 2:
                 raise Killed
 
         monkeypatch.setattr(api_module.PrepareTools, "report_generation", die)
-    with pytest.raises(Killed):
-        api.train(path)
+    if where == "supernet-sigterm":  # through the CLI: stops after the step with a checkpoint, says how to go on
+        stopped = cli("train", path)
+        assert stopped.exit_code != 0 and "resume with: lorafam train" in stopped.stderr, stopped.output + stopped.stderr
+        assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
+    else:
+        with pytest.raises(Killed):
+            api.train(path)
     monkeypatch.undo()
     resumed = cli("train", path, "--resume")
     assert resumed.exit_code == 0, resumed.output + resumed.stderr
-    run = tmp_path / "run"
-    if where == "search":  # the supernet is not trained again, the search goes on from generation 2
-        assert "glora_supernet step" not in resumed.output and "search generation 1/" not in resumed.output
-        assert "search generation 2/3" in resumed.output
+    said = " ".join(resumed.output.split())
+    if where.startswith("supernet"):  # from the pass's checkpoint: its earlier steps are not taken again
+        stop = 2 if where == "supernet" else 3
+        checkpoint = run / "prepare" / "glora_supernet" / "checkpoints" / f"step-{stop:06d}"
+        assert f"resuming glora_supernet from {checkpoint} (step {stop}/{SEARCH['supernet_steps']})" in said, said
+        assert "glora_supernet step 1/" not in said and f"glora_supernet step {stop + 1}/" in said
+    else:  # the supernet is not trained again, the search goes on from generation 2
+        assert "glora_supernet step" not in said and "search generation 1/" not in said
+        assert "search generation 2/3" in said
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r.get("phase") == "glora_supernet"] == list(range(1, SEARCH["supernet_steps"] + 1))
     expected = json.loads((reference / "run.json").read_text())["prepare"]

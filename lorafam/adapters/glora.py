@@ -207,6 +207,7 @@ class GLoRA(Variant):
     bias_switches: dict[str, str] | None = None
     #: Set while the supernet trains: the draws' seed (after_step draws the next step's forms).
     supernet_seed: int | None = None
+    supernet_step = 0  # whose draw is active
     #: What the search decided (run.json's ``prepare``); empty without a search.
     searched: dict[str, Any] = {}
 
@@ -251,7 +252,7 @@ class GLoRA(Variant):
         trained = fit.load_tensors(SUPERNET)  # a resumed run: the supernet finished before the kill
         if trained is None:
             self.supernet_seed = seed
-            set_active(layers, draw(layers, seed, 1))
+            self._draw(1)  # a resumed pass replaces it with its checkpoint's
             fit(train_data, search.supernet_steps, SUPERNET)
             self.supernet_seed = None
             fit.save_tensors(SUPERNET, {f"{p}.{k}": v for p, layer in supernet.items() for k, v in layer.support.state_dict().items()})
@@ -311,9 +312,23 @@ class GLoRA(Variant):
 
     def after_step(self, step: int, total_steps: int) -> dict[str, float]:
         if self.supernet_seed is not None:  # the next supernet step's forms
-            layers = list(self.layers.values())
-            set_active(layers, draw(layers, self.supernet_seed, step + 1))
+            self._draw(step + 1)
         return {}
+
+    def train_state(self) -> dict[str, torch.Tensor]:
+        # A supernet checkpoint records which step's draw is active, so a resumed supernet pass
+        # trains the draws the uninterrupted one would.
+        return {"glora_supernet.next_step": torch.tensor(self.supernet_step)} if self.supernet_seed is not None else {}
+
+    def load_train_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.supernet_seed is not None and "glora_supernet.next_step" in state:
+            self._draw(int(state.pop("glora_supernet.next_step")))
+        super().load_train_state(state)
+
+    def _draw(self, step: int) -> None:
+        layers = list(self.layers.values())
+        set_active(layers, draw(layers, self.supernet_seed, step))
+        self.supernet_step = step
 
     def _build_subnet(self, forms: dict[str, dict[str, str]], supernet: dict[str, GLoRASuperLayer] | None) -> None:
         """Every layer as a plain GLoRA layer in its searched forms (``layer_forms`` by full path, so
