@@ -7,7 +7,9 @@ folder lorafam writes:
 
 * ``adapter``: the run folder (``library_name: peft``), written when training finishes;
 * ``merged``: `lorafam merge`'s transformers folder (``library_name: transformers``);
-* ``gguf``: `lorafam export`'s folder (``library_name: gguf``).
+* ``gguf``: `lorafam export`'s folder (``library_name: gguf``);
+* ``gguf-lora``: `lorafam export --format gguf-lora`'s folder: the adapter alone as a llama.cpp LoRA
+  GGUF (``library_name: gguf``, ``base_model_relation: adapter``).
 
 Everything comes from the run folder (recipe.yaml, run.json, adapter_config.json), so the card
 states only what the run recorded.
@@ -29,8 +31,8 @@ if TYPE_CHECKING:
     from lorafam.run import LoadedRun, RunInfo
 
 CARD_FILE = "README.md"
-Kind = Literal["adapter", "merged", "gguf"]
-LIBRARY = {"adapter": "peft", "merged": "transformers", "gguf": "gguf"}
+Kind = Literal["adapter", "merged", "gguf", "gguf-lora"]
+LIBRARY = {"adapter": "peft", "merged": "transformers", "gguf": "gguf", "gguf-lora": "gguf"}
 
 #: Packaged aliases -> the Hub id of the same model (the card's base_model must be a Hub id).
 PACKAGED_HUB_IDS = {
@@ -91,13 +93,13 @@ def front_matter(run: LoadedRun, kind: Kind) -> dict[str, Any]:
         tags.append("lora")  # every variant here is of the LoRA family; the Hub groups by this tag
     if recipe.model.quantization is not None:
         tags.append("qlora")
-    if kind == "gguf":
+    if kind in ("gguf", "gguf-lora"):
         tags += ["llama.cpp", "ollama"]
     data: dict[str, Any] = {}
     base = hub_id(recipe.model.name)
     if base is not None:
         data["base_model"] = base
-        data["base_model_relation"] = "adapter" if kind == "adapter" else "finetune"
+        data["base_model_relation"] = "adapter" if kind in ("adapter", "gguf-lora") else "finetune"
     data["library_name"] = LIBRARY[kind]
     data["pipeline_tag"] = recipe.task.pipeline_tag
     data["tags"] = tags
@@ -117,6 +119,7 @@ def model_card(run: LoadedRun, kind: Kind, **details: Any) -> str:
         "adapter": f"{variant.name} adapter for {shown}",
         "merged": f"{shown} with a {variant.name} adapter merged in",
         "gguf": f"{shown} fine-tuned with {variant.name}, GGUF ({str(details.get('quant', '')).upper()})",
+        "gguf-lora": f"{variant.name} adapter for {shown}, as a llama.cpp LoRA GGUF",
     }[kind]
     lines = ["---", yaml.safe_dump(front_matter(run, kind), sort_keys=False).strip(), "---", "", f"# {title}", ""]
     lines += [_summary(kind), ""]
@@ -148,6 +151,8 @@ def _summary(kind: Kind) -> str:
         "merged": "A plain transformers model: the adapter trained with lorafam from the recipe below, folded into the base weights.",
         "gguf": "The fine-tuned model as one GGUF file for llama.cpp, Ollama and LM Studio: the adapter trained with lorafam "
         "from the recipe below, folded into the base weights, with the tokenizer and chat template inside the file.",
+        "gguf-lora": "The adapter trained with lorafam from the recipe below, alone, as a llama.cpp LoRA GGUF: llama.cpp "
+        "(`--lora`) and Ollama (`ADAPTER`) add it to a GGUF of the same base model at run time.",
     }[kind]
 
 
@@ -202,6 +207,8 @@ def _usage(run: LoadedRun, kind: Kind, base: str, details: dict[str, Any]) -> li
                     f'model = {auto}.from_pretrained("PATH_TO_THIS_FOLDER")', "```"]
         return ["```python", f"from transformers import AutoTokenizer, {auto}", "",
                 f'model = {auto}.from_pretrained("PATH_TO_THIS_FOLDER")', 'tokenizer = AutoTokenizer.from_pretrained("PATH_TO_THIS_FOLDER")', "```"]
+    if kind == "gguf-lora":
+        return _adapter_gguf_usage(details)
     gguf_file = details.get("gguf_file", "MODEL.gguf")
     lines = [
         "llama.cpp:", "", "```bash", f"llama-cli -m {gguf_file} -cnv", "```", "",
@@ -214,3 +221,18 @@ def _usage(run: LoadedRun, kind: Kind, base: str, details: dict[str, Any]) -> li
     for note in details.get("notes") or []:
         lines += ["", f"Note: this file {note}."]
     return lines
+
+
+def _adapter_gguf_usage(details: dict[str, Any]) -> list[str]:
+    adapter, base_file = details["gguf_file"], details.get("base_file")
+    base = base_file or "BASE.gguf"
+    lines = []
+    if base_file is None:
+        lines += ["The base model is not in this folder: bring a GGUF of the base model named above (the one the "
+                  "adapter was trained on, any quantization), as `BASE.gguf` below and as `FROM` in the Modelfile.", ""]
+    return lines + [
+        "llama.cpp:", "", "```bash", f"llama-completion -m {base} --lora {adapter} -p \"...\"",
+        f"llama-completion -m {base} --lora-scaled {adapter} 0.5 -p \"...\"   # half the update", "```", "",
+        "Ollama (the Modelfile names the base with `FROM` and this file with `ADAPTER`, with the chat template and stop tokens):",
+        "", "```bash", "ollama create my-model -f Modelfile", "ollama run my-model", "```",
+    ]

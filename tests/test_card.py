@@ -40,17 +40,19 @@ def card_data(path):
     return ModelCard.load(path).data.to_dict()
 
 
-@pytest.mark.parametrize("kind, library", [("adapter", "peft"), ("merged", "transformers"), ("gguf", "gguf")])
-def test_front_matter_parses_with_huggingface_hub(tmp_path, kind, library):
+@pytest.mark.parametrize("kind, library, relation", [("adapter", "peft", "adapter"), ("merged", "transformers", "finetune"),
+                                                      ("gguf", "gguf", "finetune"), ("gguf-lora", "gguf", "adapter")])
+def test_front_matter_parses_with_huggingface_hub(tmp_path, kind, library, relation):
     run = loaded(tmp_path, train="tatsu-lab/alpaca:train")
     path = write_model_card(tmp_path, run, kind, gguf_file="run-Q8_0.gguf", quant="q8_0")
     data = card_data(path)
     assert data["library_name"] == library
     assert data["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"  # the packaged alias's Hub id
+    assert data["base_model_relation"] == relation
     assert data["datasets"] == ["tatsu-lab/alpaca"]
     assert data["pipeline_tag"] == "text-generation"
     assert {"lorafam", "lora"} <= set(data["tags"])
-    assert ("llama.cpp" in data["tags"]) == (kind == "gguf")
+    assert ("llama.cpp" in data["tags"]) == kind.startswith("gguf")
 
 
 def test_body_has_the_recipe_method_parameters_and_evals(tmp_path):

@@ -196,7 +196,7 @@ def padded(n: int, multiple: int = 64) -> int:
 
 
 def build_run(root: Path, name: str, adapter: dict | None = None, steps: int = 12, model_keys: dict | None = None,
-              data: Path | None = None, config_keys: dict | None = None) -> Path:
+              data: Path | None = None, config_keys: dict | None = None, data_keys: dict | None = None) -> Path:
     config_class, model_class, make_tokenizer, tied, _, _ = MODELS[name]
     tokenizer = make_tokenizer()
     config = config_class(vocab_size=padded(len(tokenizer)), tie_word_embeddings=tied, eos_token_id=tokenizer.eos_token_id,
@@ -214,7 +214,7 @@ def build_run(root: Path, name: str, adapter: dict | None = None, steps: int = 1
     data = data or make_text_data(root / "train.jsonl")
     section = adapter or {"variant": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
     recipe = write_recipe(root / "recipe.yaml", root / "model", data, root / "run", adapter=section,
-                          train={"max_steps": steps, "lr": 5e-2, "save_every": None})
+                          train={"max_steps": steps, "lr": 5e-2, "save_every": None}, data_keys=data_keys)
     if model_keys:
         raw = yaml.safe_load(recipe.read_text())
         raw["model"] |= model_keys

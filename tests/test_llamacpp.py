@@ -17,15 +17,18 @@ except under CI, where they fail.
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 import re
 from pathlib import Path
 
 import gguf
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
-from test_export import MODELS, build_run, gguf_file
+from test_export import MODELS, build_run, gguf_file, go_render  # noqa: F401 (a fixture)
 from tinyrun import WORDS, adapter_section, cli
 from transformers import AutoTokenizer
 
@@ -312,6 +315,26 @@ def test_modelfile_adds_the_adapter_to_the_base(lora_export):
     assert any(line.startswith('TEMPLATE """') for line in lines) and 'PARAMETER stop "<|im_end|>"' in lines
 
 
+@pytest.mark.parametrize("base", [True, False])
+def test_adapter_gguf_card_says_how_to_run_it_on_a_base(tmp_path, base):
+    """`export --format gguf-lora` writes a card whose commands name the files in the folder (and, with
+    no base written, say that the user brings one)."""
+    run = build_run(tmp_path, "llama-chatml", steps=2)
+    result = cli("export", run, "--format", "gguf-lora", *(["--base", "--quant", "f32"] if base else []),
+                 "--output", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    card = huggingface_hub.ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.library_name == "gguf" and "base_model" not in card.data.to_dict()  # a local base: no Hub id to name
+    files = sorted(p.name for p in (tmp_path / "out").glob("*.gguf"))
+    adapter = next(f for f in files if "-LoRA-" in f)
+    assert f"--lora {adapter}" in card.text and "ollama create" in card.text
+    if base:
+        (base_file,) = [f for f in files if f != adapter]
+        assert f"llama-completion -m {base_file} --lora {adapter}" in card.text and "bring a GGUF" not in card.text
+    else:
+        assert files == [adapter] and "bring a GGUF of the base model" in card.text
+
+
 def test_adapter_alone_without_base_says_what_from_must_name(tmp_path):
     run = build_run(tmp_path, "llama-chatml", steps=4)
     result = cli("export", run, "--format", "gguf-lora", "--output", tmp_path / "out")
@@ -324,6 +347,55 @@ def test_adapter_alone_without_base_says_what_from_must_name(tmp_path):
     # --base belongs to gguf-lora only.
     other = cli("export", run, "--format", "gguf", "--base", "--output", tmp_path / "merged")
     assert other.exit_code == 2 and "--base is for --format gguf-lora" in other.output
+
+
+# ------------------------------------------------------------------------------------------------
+# The Modelfile's chat template and stop tokens, as Ollama uses them
+
+
+def short_reply_data(path: Path, rows: int = 48) -> Path:
+    """Chats whose assistant replies are two or three words: a tiny model learns within a few dozen
+    steps to answer and then end its turn, so there is a stopping point to compare."""
+    rng = np.random.default_rng(0)
+    replies = ["yes indeed", "no thanks", "the red sun"]
+    with path.open("w") as f:
+        for i in range(rows):
+            user = " ".join(rng.choice(WORDS, size=int(rng.integers(2, 6))))
+            f.write(json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": replies[i % 3]}]}) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("name", ["llama-chatml", "llama3-untied"])
+def test_modelfile_template_and_stops_end_the_reply_where_the_merged_model_does(name, tmp_path, go_render):
+    """The exported chat model as Ollama runs it: the prompt is the Modelfile's TEMPLATE rendered by
+    Go's text/template (Ollama's engine), llama.cpp generates greedily, and the reply ends at the
+    first of the Modelfile's stop strings (llama.cpp prints special tokens here, so the stop strings,
+    not llama.cpp's own end-of-generation list, are what end it). That reply, and where it ends,
+    must be transformers' greedy reply from the merged model, which ends at its EOS."""
+    run = build_run(tmp_path, name, steps=60, data=short_reply_data(tmp_path / "chats.jsonl"),
+                    data_keys={"max_length": 64}, config_keys=VARIED)
+    exported = cli("export", run, "--format", "gguf", "--quant", "f32", "--output", tmp_path / "f32")
+    assert exported.exit_code == 0, exported.output
+    modelfile = (tmp_path / "f32" / "Modelfile").read_text()
+    template = re.search(r'^TEMPLATE """(.*?)"""$', modelfile, re.S | re.M).group(1)
+    stops = re.findall(r'^PARAMETER stop "(.*)"$', modelfile, re.M)
+
+    tokenizer = AutoTokenizer.from_pretrained(run)
+    model = merged_model(open_run(run)).float().eval()
+    messages = [{"role": "user", "content": "the lazy dog"}]
+    (prompt,) = go_render(template, [{"Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]}])
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    assert prompt_ids == tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(prompt_ids):].tolist()
+    assert out[-1] == tokenizer.eos_token_id and len(out) < NEW_TOKENS, tokenizer.decode(out)  # it stopped, at EOS
+    want = tokenizer.decode(out[:-1])
+    assert want.strip(), "an empty reply compares nothing"
+
+    printed = llamacpp.complete(gguf_file(tmp_path / "f32"), prompt, NEW_TOKENS, extra=("--special",))
+    ends = [printed.index(stop) for stop in stops if stop in printed]
+    assert ends, (printed, stops)  # a stop string ended it, not the token limit
+    assert printed[:min(ends)] == want, (printed, stops, want)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -366,3 +438,57 @@ def test_packaged_smollm2_adapter_in_llama_cpp(tmp_path):
     with_lora, base_only = llama_perplexity(base, text, lora=adapter), llama_perplexity(base, text)
     assert abs(with_lora - ppl) < 1e-3 * ppl, (with_lora, ppl)
     assert abs(base_only - ppl) > 1e-3 * ppl, (base_only, ppl)  # the adapter is applied
+
+    # The merged export at f16 and q8_0 against transformers' fp32 merged model.
+    merged = merged_model(open_run(run)).float().eval()
+    for quant in ("f16", "q8_0"):
+        exported = cli_subprocess("export", run, "--format", "gguf", "--quant", quant, "--output", tmp_path / quant, timeout=900)
+        assert exported.returncode == 0, exported.stderr[-3000:]
+        compare_quantized_continuation(tokenizer, merged, gguf_file(tmp_path / quant), quant, chat, banned)
+
+
+#: How far llama.cpp's quantized model may be from the fp32 one, as a multiple of the logit error the
+#: rounded weights alone cause (measured below in fp32): ggml's CPU matmuls also round the
+#: activations to the weights' dot-product type (f16 for f16, q8_0 for q8_0, the same rounding
+#: scheme at the same relative size), and the two errors add up at most.
+ROUNDING_ALLOWANCE = 2.0
+QUANTIZED_TOKENS = 24
+
+
+def compare_quantized_continuation(tokenizer, model: torch.nn.Module, path: Path, quant: str, prompt: str,
+                                   banned: list[int]) -> tuple[int, int]:
+    """llama.cpp's greedy continuation of ``prompt`` from a quantized GGUF must equal transformers' fp32
+    one at every step up to the first where fp32's top-1/top-2 logit gap is within reach of the
+    quantization error (ROUNDING_ALLOWANCE x the logit change that ``quant``'s rounding of the
+    weights causes, by gguf-py's own quantizer); past that a different but equally good token is
+    rounding, not a bug. The steps so guaranteed must be at least 4, so the check compares
+    something. Returns how many tokens agree and how many were guaranteed."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    want = greedy_ids(model, prompt_ids, QUANTIZED_TOKENS, banned)
+    rounded = copy.deepcopy(model)
+    kind = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[quant]
+    with torch.no_grad():
+        for param in rounded.parameters():
+            if param.dim() == 2:  # the export keeps 1-D tensors (norms, biases) in f32
+                array = param.numpy().astype(np.float32)
+                param.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(array, kind), kind).reshape(array.shape)))
+        ids = torch.tensor([want])
+        exact, approx = model(input_ids=ids).logits[0].float(), rounded(input_ids=ids).logits[0].float()
+    positions = slice(len(prompt_ids) - 1, len(want) - 1)  # the logits that chose each new token
+    exact, shift = exact[positions], (approx - exact)[positions]
+    exact[:, banned] = -torch.inf
+    top = exact.argmax(-1, keepdim=True)
+    # Token j can overtake the fp32 choice only where its margin is within reach of the rounding's
+    # change of that margin (times the allowance): a step is guaranteed when no token is.
+    margin = exact.gather(1, top) - exact
+    reach = ROUNDING_ALLOWANCE * (shift - shift.gather(1, top)).abs()
+    safe = ((margin > reach) | (margin == torch.inf)).scatter(1, top, True).all(-1).tolist()
+    guaranteed = next((i for i, ok in enumerate(safe) if not ok), len(safe))
+    assert guaranteed >= 4, (quant, safe)
+    got = llamacpp.complete(path, prompt, QUANTIZED_TOKENS, banned=banned)
+    decode = lambda ids: tokenizer.decode(ids, clean_up_tokenization_spaces=False)  # noqa: E731
+    # Agreeing tokens: the longest run of transformers' new tokens whose text llama.cpp printed.
+    text = [decode(want[:len(prompt_ids) + k])[len(decode(prompt_ids)):] for k in range(QUANTIZED_TOKENS + 1)]
+    agree = max(k for k in range(QUANTIZED_TOKENS + 1) if got.startswith(text[k]))
+    assert agree >= guaranteed, (quant, got, text[-1], guaranteed)
+    return agree, guaranteed

@@ -8,6 +8,7 @@ ADAPTER.gguf` and Ollama's ``ADAPTER`` (see lorafam.export.adapter for which var
       <run>-LoRA-F32.gguf        the adapter (a few MB)
       <base>-<QUANT>.gguf        the base model, with ``base=True`` (``--base``); else bring your own
       Modelfile                  FROM the base, ADAPTER the adapter
+      README.md                  model card
 
 For ``gguf``:
 
@@ -133,6 +134,7 @@ def _staged(output: Path) -> Iterator[Path]:
 
 def _export_adapter(run: Any, run_dir: Path, output: Path, quant: str, base: bool, config: Any, tokenizer: Any) -> ExportResult:
     """``--format gguf-lora``: see lorafam.export.adapter."""
+    from lorafam.card import write_model_card
     from lorafam.export.adapter import load_adapted_keeping_base, low_rank_refusal, lora_pairs, strip_adapter, write_lora_gguf
 
     variant_name = run.recipe.adapter.variant
@@ -175,6 +177,7 @@ def _export_adapter(run: Any, run_dir: Path, output: Path, quant: str, base: boo
         )
         (tmp / MODELFILE).write_text(modelfile.text)
         result.modelfile_warning = modelfile.warning
+        write_model_card(tmp, run, "gguf-lora", gguf_file=adapter_name, base_file=base_name if base else None)
     return result
 
 
