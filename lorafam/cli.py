@@ -189,7 +189,7 @@ def inspect(
 
     table = Table(title=f"{variant.name} on {spec.model.name}")
     table.add_column("module")
-    table.add_column("shape (out x in; fused: experts x out x in)")
+    table.add_column("shape (out x in)")
     table.add_column("layers", justify="right")
     table.add_column("trainable params", justify="right")
     groups: dict[tuple[str, str], list[int]] = {}
@@ -199,7 +199,8 @@ def inspect(
         groups.setdefault(key, []).append(params)
     for path, layer in variant.expert_layers.items():
         params = sum(p.numel() for n, p in layer.named_parameters() if p.requires_grad and not n.startswith("base_layer."))
-        key = (f"{layer.parameter_name} (fused experts)", f"{layer.num_experts} x {layer.out_features} x {layer.in_features}")
+        module = path.split(".base_layer")[0].rsplit(".", 1)[-1]  # as target_parameters names it
+        key = (f"{module}.{layer.parameter_name}", f"{layer.num_experts} experts x {layer.out_features} x {layer.in_features}")
         groups.setdefault(key, []).append(params)
     for (name, shape), counts in groups.items():
         table.add_row(name, shape, str(len(counts)), f"{sum(counts):,}")

@@ -474,10 +474,10 @@ class Variant:
             adapted = {path: layer.adapted_weight() for path, layer in self.expert_layers.items()}
             for path, layer in self.expert_layers.items():
                 layer.base_weight().copy_(adapted[path])  # W' exactly as the forward computed it
-            for path, layer in self.expert_layers.items():
-                if not isinstance(_parent_of(self.model, path)[0], ExpertLoRALayer):  # outermost
-                    parent, attr = _parent_of(self.model, path)
-                    setattr(parent, attr, unwrap(layer))
+            outermost = [path for path in self.expert_layers if not isinstance(_parent_of(self.model, path)[0], ExpertLoRALayer)]
+            for path in outermost:
+                parent, attr = _parent_of(self.model, path)
+                setattr(parent, attr, unwrap(self.expert_layers[path]))
         self.expert_layers = {}
         if self.shared_module() is not None:
             # The merged model is a plain transformers model: no shared module left in it.
