@@ -421,3 +421,26 @@ def test_grad_accum_trains_the_same_expert_adapter_as_one_big_batch(arch, tmp_pa
         norm = reference[key].double().norm()
         assert norm > 0, f"{key}: nothing trained"
         assert float((reference[key].double() - layout[key].double()).norm() / norm) < 1e-5, key
+
+
+def test_two_processes_train_the_same_expert_adapter_as_one(tmp_path, moe_folders, chat_data):
+    """DDP (two gloo processes under `accelerate launch`): each routes its own rows, and the step is the
+    one-process step of the same global batch."""
+    from test_distributed import launch
+
+    reference = load_file(layout_run(tmp_path, moe_folders["qwen3_moe"], chat_data, 8, 1) / ADAPTER_WEIGHTS)
+    path = write_recipe(
+        tmp_path / "two.yaml", moe_folders["qwen3_moe"], chat_data, tmp_path / "two",
+        adapter={"variant": "lora", "r": 2, "alpha": 4, "target_modules": "all-linear"},
+        train={"max_steps": 6, "batch_size": 4, "grad_accum": 1, "optimizer": "sgd", "lr": 0.05,
+               "mixed_precision": "no", "save_every": 100, "log_every": 1},
+        data_keys={"max_length": 40},
+    )
+    result = launch("-m", "lorafam", "train", path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["processes"] == 2
+    two = load_file(tmp_path / "two" / ADAPTER_WEIGHTS)
+    assert any("experts" in key for key in two) and two.keys() == reference.keys()
+    for key in reference:
+        norm = reference[key].double().norm()
+        assert norm > 0 and float((reference[key].double() - two[key].double()).norm() / norm) < 1e-5, key
