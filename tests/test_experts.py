@@ -444,3 +444,35 @@ def test_two_processes_train_the_same_expert_adapter_as_one(tmp_path, moe_folder
     for key in reference:
         norm = reference[key].double().norm()
         assert norm > 0 and float((reference[key].double() - two[key].double()).norm() / norm) < 1e-5, key
+
+
+@pytest.mark.parametrize("adapter", EXPERT_ADAPTERS, ids=adapter_id)
+def test_merge_folds_every_expert_variant_into_the_fused_weights_exactly(adapter):
+    """DoRA's per-expert magnitude and PiSSA's residual included: the merged plain model computes what
+    the adapted one did, and its fused weights are the expert-by-expert reference."""
+    model, base, variant = adapt("qwen3_moe", adapter)
+    inputs = batch()
+    before = logits(model, inputs)
+    expected = {path: reference_weight(layer).detach() for path, layer in variant.expert_layers.items()}
+    names = {path: layer.parameter_name for path, layer in variant.expert_layers.items()}
+    merged = variant.merge()
+    assert not any(isinstance(m, ExpertLoRALayer) for m in merged.modules())
+    assert set(dict(merged.named_parameters())) == set(dict(base.named_parameters()))  # a plain model again
+    for path, weight in expected.items():
+        torch.testing.assert_close(getattr(merged.get_submodule(path.split(".base_layer")[0]), names[path]), weight, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(logits(merged, inputs), before, atol=1e-5, rtol=1e-5)
+
+
+def test_a_qlora_moe_run_trains_the_float_experts_says_so_and_merges(tmp_path, moe_folders, text_data):
+    recipe = moe_recipe(tmp_path, moe_folders["qwen3_moe"], text_data, max_steps=4)
+    raw = load_recipe(recipe).model_dump(mode="json")
+    raw["model"]["quantization"] = "nf4"
+    recipe.write_text(json.dumps(raw))
+    result = cli("train", recipe)
+    assert result.exit_code == 0, result.output + result.stderr
+    assert ("the fused expert weights stay float32 on this quantized base (12,288 parameters): bitsandbytes "
+            "quantizes linear layers only") in " ".join(result.output.split())
+    saved = load_file(tmp_path / "run" / ADAPTER_WEIGHTS)
+    assert saved["base_model.model.model.layers.1.mlp.experts.base_layer.lora_B.weight"].abs().sum() > 0
+    merged = cli("merge", tmp_path / "run", "--output", tmp_path / "merged")  # its own reload check runs
+    assert merged.exit_code == 0, merged.output + merged.stderr

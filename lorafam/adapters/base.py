@@ -331,6 +331,12 @@ class Variant:
                 f"not adapted: {count} fused 3-D weight(s), {params:,} parameters ({', '.join(names)}); "
                 f"adapter.target_parameters: [{', '.join(names)}] would adapt them"
             )
+        if self.expert_layers and _has_quantized_layers(model):
+            weights = [layer.base_weight() for layer in self.expert_layers.values()]
+            notes.append(
+                f"the fused expert weights stay {str(weights[0].dtype).removeprefix('torch.')} on this quantized "
+                f"base ({sum(w.numel() for w in weights):,} parameters): bitsandbytes quantizes linear layers only"
+            )
         if self.expert_layers and self.config.dropout > 0:
             notes.append(
                 f"adapter.dropout {self.config.dropout:g} applies to the linear layers only: an update folded "
@@ -551,6 +557,12 @@ def find_targets(model: nn.Module, targets: list[str] | str, exclude: list[str] 
             f"it has: {', '.join(suffixes[:12])}"
         )
     return found
+
+
+def _has_quantized_layers(model: nn.Module) -> bool:
+    from lorafam.quant import has_quantized_layers
+
+    return has_quantized_layers(model)
 
 
 def _expert_capable() -> list[str]:
