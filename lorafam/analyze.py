@@ -278,6 +278,15 @@ class Result:
     notes: list[str] = field(default_factory=list)
 
 
+def experts_left_out(variant: Any) -> list[str]:
+    """The note for a run that also adapted fused expert weights: these analyses read linear layers only."""
+    count = len(getattr(variant, "expert_layers", {}))
+    if not count:
+        return []
+    return [f"not analyzed: the {count} adapted fused expert weights (per-expert analysis is not implemented; "
+            "this covers the linear layers)"]
+
+
 def write_json(path: Path, obj: Any) -> Path:
     from lorafam.run import write_json as atomic_json
 
@@ -339,6 +348,7 @@ def subspace(
         open_run(run_b)
     folder = output_folder(output, Path(run_a))
     first = load_run(run_a)
+    left_out = experts_left_out(first.variant)
     paths = select_paths(first.variant.layers, module, layer, str(run_a))
     space = "input space: right-singular vectors of A" if side == "A" else "output space: left-singular vectors of B"
     matrices: dict[str, dict[str, Any]] = {}
@@ -400,7 +410,7 @@ def subspace(
     notes = [f"subspace.png shows layer {shown_layer}" + ("" if layer is not None else " (pass --layer N for another)")]
     if len(listed) < len(matrices):
         notes.append(f"table lists layer {shown_layer}; all {len(matrices)} matrices are in subspace.json")
-    return Result(data=data, files=files, table=table, notes=notes)
+    return Result(data=data, files=files, table=table, notes=notes + left_out)
 
 
 def _layer_order(layer: str) -> tuple[bool, int | str]:
@@ -492,7 +502,7 @@ def decomposition(run_dir: Path, *, module: str | None, layer: int | None, outpu
         )
     notes = ["slope n/a: Delta D does not vary (e.g. only magnitudes changed)"] if any(
         e["fit"] is None for e in modules.values()) else []
-    return Result(data=data, files=files, table=table, notes=notes)
+    return Result(data=data, files=files, table=table, notes=notes + experts_left_out(adapted.variant))
 
 
 def _file_safe(name: str) -> str:
@@ -574,7 +584,7 @@ def amplification(run_dir: Path, *, module: str | None, layer: int | None, outpu
             f"{row['projected_on_delta']:.3g}", f"{row['projected_on_weight']:.3g}",
             f"{row['projected_on_random']:.3g}", "n/a" if amp is None else f"{amp:.3g}",
         )
-    return Result(data=data, files=files, table=table)
+    return Result(data=data, files=files, table=table, notes=experts_left_out(adapted.variant))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -476,3 +476,15 @@ def test_a_qlora_moe_run_trains_the_float_experts_says_so_and_merges(tmp_path, m
     assert saved["base_model.model.model.layers.1.mlp.experts.base_layer.lora_B.weight"].abs().sum() > 0
     merged = cli("merge", tmp_path / "run", "--output", tmp_path / "merged")  # its own reload check runs
     assert merged.exit_code == 0, merged.output + merged.stderr
+
+
+def test_analyses_and_export_say_what_they_leave_out_of_an_expert_run(trained, tmp_path):
+    """Not implemented for fused experts, and said so: analyses name the experts they skip; GGUF export
+    refuses MoE architectures in one line (llama.cpp's own MoE layouts are not written)."""
+    result = cli("analyze", "amplification", trained["qwen3_moe"], "--output", tmp_path / "amp", "--samples", "1")
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "not analyzed: the 4 adapted fused expert weights" in " ".join(result.output.split())
+    for fmt in ("gguf", "gguf-lora"):
+        refused = cli("export", trained["qwen3_moe"], "--format", fmt, "--output", tmp_path / fmt)
+        assert refused.exit_code == 2
+        assert "this model is 'qwen3_moe'" in one_line(refused.stderr)
