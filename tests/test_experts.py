@@ -488,3 +488,38 @@ def test_analyses_and_export_say_what_they_leave_out_of_an_expert_run(trained, t
         refused = cli("export", trained["qwen3_moe"], "--format", fmt, "--output", tmp_path / fmt)
         assert refused.exit_code == 2
         assert "this model is 'qwen3_moe'" in one_line(refused.stderr)
+
+
+def test_lora_plus_puts_the_experts_B_in_the_fast_group_and_lora_fa_freezes_their_A():
+    _, _, plus = adapt("qwen3_moe", {"variant": "lora_plus"})
+    groups = plus.param_groups(lr=1e-3, weight_decay=0.0)
+    fast = {id(p) for g in groups if g["lr"] == 1e-3 * plus.config.lr_ratio for p in g["params"]}
+    slow = {id(p) for g in groups if g["lr"] == 1e-3 for p in g["params"]}
+    for layer in plus.expert_layers.values():
+        assert id(layer.lora_B.weight) in fast and id(layer.lora_A.weight) in slow
+    _, _, fa = adapt("qwen3_moe", {"variant": "lora_fa"})
+    trainable = {id(p) for p in fa.trainable_parameters()}
+    for layer in fa.expert_layers.values():
+        assert id(layer.lora_A.weight) not in trainable and id(layer.lora_B.weight) in trainable
+
+
+def test_fsdp2_trains_the_same_expert_adapter_as_one_process(tmp_path, moe_folders, chat_data):
+    """FSDP2 on two CPU processes: the fused expert weights and their adapters sharded, gathered whole to save."""
+    from test_distributed import launch_fsdp
+
+    reference = layout_run(tmp_path, moe_folders["qwen3_moe"], chat_data, 8, 1)
+    path = write_recipe(
+        tmp_path / "fsdp.yaml", moe_folders["qwen3_moe"], chat_data, tmp_path / "fsdp",
+        adapter={"variant": "lora", "r": 2, "alpha": 4, "target_modules": "all-linear"},
+        train={"max_steps": 6, "batch_size": 4, "grad_accum": 1, "optimizer": "sgd", "lr": 0.05,
+               "mixed_precision": "no", "save_every": 100, "log_every": 1},
+        data_keys={"max_length": 40},
+    )
+    result = launch_fsdp("train", path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "engine: FSDP2 on 2 process(es)" in result.stdout
+    expected, saved = load_file(reference / ADAPTER_WEIGHTS), load_file(tmp_path / "fsdp" / ADAPTER_WEIGHTS)
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in expected.items()}
+    for key in expected:
+        norm = expected[key].double().norm()
+        assert norm > 0 and float((expected[key].double() - saved[key].double()).norm() / norm) < 1e-5, key
