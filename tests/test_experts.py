@@ -204,7 +204,7 @@ def test_explicit_target_parameters_name_what_they_match():
     assert variant.peft_config("m", "CAUSAL_LM")["target_parameters"] == ["experts.down_proj"]
     assert variant.target_notes() == [
         "not adapted: 2 fused 3-D weight(s), 8,192 parameters (experts.gate_up_proj); "
-        "adapter.target_parameters: [experts.gate_up_proj] would adapt them"
+        "adapter.target_parameters: [experts.down_proj, experts.gate_up_proj] would adapt them"  # the whole list
     ]
     with pytest.raises(LorafamError, match=r"^adapter.target_parameters: 'up_proj' matches no 3-D \(fused expert\) "
                        r"parameter in this model; it has: experts.down_proj, experts.gate_up_proj$"):

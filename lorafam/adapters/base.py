@@ -327,9 +327,11 @@ class Variant:
             names = sorted(frozen)
             count = sum(len(v) for v in frozen.values())
             params = sum(sum(v) for v in frozen.values())
+            # The whole list to write: the ones adapted now, and these.
+            suggested = sorted(set(self.expert_parameter_names()) | set(names))
             notes.append(
                 f"not adapted: {count} fused 3-D weight(s), {params:,} parameters ({', '.join(names)}); "
-                f"adapter.target_parameters: [{', '.join(names)}] would adapt them"
+                f"adapter.target_parameters: [{', '.join(suggested)}] would adapt them"
             )
         if self.expert_layers and _has_quantized_layers(model):
             weights = [layer.base_weight() for layer in self.expert_layers.values()]
