@@ -523,3 +523,38 @@ def test_fsdp2_trains_the_same_expert_adapter_as_one_process(tmp_path, moe_folde
     for key in expected:
         norm = expected[key].double().norm()
         assert norm > 0 and float((expected[key].double() - saved[key].double()).norm() / norm) < 1e-5, key
+
+
+class TransposedExperts(torch.nn.Module):
+    """Experts stored (experts, in, out) and applied as x @ W_e, marked ``is_transposed`` as
+    transformers marks such modules (e.g. GPT-OSS's)."""
+
+    is_transposed = True
+
+    def __init__(self, experts: int = 3, d_in: int = 5, d_out: int = 7):
+        super().__init__()
+        self.num_experts = experts
+        self.weight = torch.nn.Parameter(torch.randn(experts, d_in, d_out))
+
+    def forward(self, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(x[:, None], self.weight[expert])[:, 0]
+
+
+def test_an_experts_in_x_out_layout_gets_the_same_per_expert_update():
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"experts": TransposedExperts(), "proj": torch.nn.Linear(7, 7)})
+    base = copy.deepcopy(model)
+    cfg = VARIANTS["lora"].Config(variant="lora", r=2, alpha=4, target_modules=["proj"], target_parameters=["experts.weight"])
+    variant = VARIANTS["lora"](cfg).apply(model)
+    (layer,) = variant.expert_layers.values()
+    assert (layer.num_experts, layer.out_features, layer.in_features) == (3, 7, 5)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x, expert = torch.randn(6, 5), torch.tensor([0, 1, 2, 2, 1, 0])
+    E, r = 3, 2
+    want = torch.stack([  # x (W_e + s (B_e A_e)^T), the update in (out, in) terms transposed into this layout
+        x[i] @ (base["experts"].weight[e] + layer.scaling * (layer.lora_B.weight[:, e::E] @ layer.lora_A.weight[e * r:(e + 1) * r]).T)
+        for i, e in enumerate(expert.tolist())
+    ])
+    torch.testing.assert_close(model["experts"](x, expert), want, atol=1e-5, rtol=1e-5)
+    variant.merge()
+    torch.testing.assert_close(model["experts"](x, expert), want, atol=1e-5, rtol=1e-5)
