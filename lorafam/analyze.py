@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import re
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -178,6 +178,26 @@ class AdaptedRun:
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         self.variant.load_adapter_state_dict(tensors)
+
+    def expert_matrices(self, module: str | None, layer: int | None) -> Iterator[tuple[str, str, str, int, torch.Tensor, torch.Tensor]]:
+        """(parameter path, block index, 'experts.down_proj', expert, W_e, Delta W_e) of every expert of every adapted fused
+        weight, as (out, in) float64 on the CPU, filtered like ``select_paths`` (``--module`` a suffix of
+        'experts.down_proj'). W_e is the pre-trained weight (PiSSA's principal part added back)."""
+        from lorafam.adapters.base import grid_positions
+
+        paths = {path.split(".base_layer")[0] + "." + lay.parameter_name: lay for path, lay in self.variant.expert_layers.items()}
+        where = grid_positions(list(paths))
+        for path, expert_layer in paths.items():
+            block = where[path][0]
+            name = ".".join(path.rsplit(".", 2)[-2:])
+            if module is not None and not (name == module or name.endswith("." + module)):
+                continue
+            if layer is not None and block != str(layer):
+                continue
+            original = expert_layer._canonical(expert_layer.original_weight()).detach().to("cpu", torch.float64)
+            adapted = expert_layer.adapted_canonical().detach().to("cpu", torch.float64)
+            for e in range(expert_layer.num_experts):
+                yield path, block, name, e, original[e], adapted[e] - original[e]
 
 
 def load_run(folder: str | Path) -> AdaptedRun:
@@ -552,7 +572,13 @@ def amplification(run_dir: Path, *, module: str | None, layer: int | None, outpu
     open_run(run_dir)
     folder = output_folder(output, Path(run_dir))
     adapted = load_run(run_dir)
-    paths = select_paths(adapted.variant.layers, module, layer, str(run_dir))
+    experts = list(adapted.expert_matrices(module, layer))
+    try:
+        paths = select_paths(adapted.variant.layers, module, layer, str(run_dir))
+    except LorafamError:
+        if not experts:  # neither a linear layer nor an expert weight matches
+            raise
+        paths = []
     from lorafam.adapters.base import grid_positions
 
     where = grid_positions(list(adapted.variant.layers))
@@ -562,6 +588,9 @@ def amplification(run_dir: Path, *, module: str | None, layer: int | None, outpu
             r = rank or adapter_rank(adapted, p)
             numbers = amplification_numbers(adapted.start_weight(p), adapted.update(p), r, samples, seed)
             rows.append({"path": p, "layer": where[p][0], "module": where[p][1], **numbers})
+        for path, block, name, e, weight, delta in experts:  # each expert of a fused weight is its own matrix
+            numbers = amplification_numbers(weight, delta, rank or adapted.run.recipe.adapter.r, samples, seed)
+            rows.append({"path": f"{path}[{e}]", "layer": block, "module": f"{name}[{e}]", "expert": e, **numbers})
     data = {
         "analysis": "Delta W vs W (LoRA paper, section 7.3)",
         "variant": adapted.variant.name,
@@ -584,7 +613,7 @@ def amplification(run_dir: Path, *, module: str | None, layer: int | None, outpu
             f"{row['projected_on_delta']:.3g}", f"{row['projected_on_weight']:.3g}",
             f"{row['projected_on_random']:.3g}", "n/a" if amp is None else f"{amp:.3g}",
         )
-    return Result(data=data, files=files, table=table, notes=experts_left_out(adapted.variant))
+    return Result(data=data, files=files, table=table)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -479,9 +479,9 @@ def test_a_qlora_moe_run_trains_the_float_experts_says_so_and_merges(tmp_path, m
 
 
 def test_analyses_and_export_say_what_they_leave_out_of_an_expert_run(trained, tmp_path):
-    """Not implemented for fused experts, and said so: analyses name the experts they skip; GGUF export
-    refuses MoE architectures in one line (llama.cpp's own MoE layouts are not written)."""
-    result = cli("analyze", "amplification", trained["qwen3_moe"], "--output", tmp_path / "amp", "--samples", "1")
+    """Not implemented for fused experts, and said so: decomposition and subspace name the experts they
+    skip; GGUF export refuses Qwen3-MoE in one line."""
+    result = cli("analyze", "decomposition", trained["qwen3_moe"], "--output", tmp_path / "dec")
     assert result.exit_code == 0, result.output + result.stderr
     assert "not analyzed: the 4 adapted fused expert weights" in " ".join(result.output.split())
     for fmt in ("gguf", "gguf-lora"):
@@ -558,3 +558,27 @@ def test_an_experts_in_x_out_layout_gets_the_same_per_expert_update():
     torch.testing.assert_close(model["experts"](x, expert), want, atol=1e-5, rtol=1e-5)
     variant.merge()
     torch.testing.assert_close(model["experts"](x, expert), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_amplification_is_reported_per_expert(arch, trained, tmp_path):
+    """The LoRA paper's section 7.3 numbers for each expert of each adapted fused weight, beside the
+    linear layers; ||Delta W_e|| is the expert-by-expert reference's."""
+    result = cli("analyze", "amplification", trained[arch], "--output", tmp_path / "amp", "--samples", "1")
+    assert result.exit_code == 0, result.output + result.stderr
+    rows = json.loads((tmp_path / "amp" / "amplification.json").read_text())["layers"]
+    experts = [row for row in rows if "expert" in row]
+    assert len(experts) == 2 * 2 * 4 and len(rows) - len(experts) == 2 * 4  # 2 layers x 2 weights x 4 experts; q/k/v/o
+    adapted, variant = load_adapted(open_run(trained[arch]))
+    for path, layer in variant.expert_layers.items():
+        name = f"{path.split('.base_layer')[0]}.{layer.parameter_name}"
+        want = (reference_weight(layer) - layer.base_weight()).detach().double()
+        for e in range(layer.num_experts):
+            (row,) = [r for r in experts if r["path"] == f"{name}[{e}]"]
+            assert row["delta_norm"] == pytest.approx(float(want[e].norm()), rel=1e-5)
+            assert row["delta_norm"] > 0 and row["r"] == 2
+    only = cli("analyze", "amplification", trained[arch], "--module", "experts.down_proj", "--layer", "1",
+               "--output", tmp_path / "one", "--samples", "1")
+    assert only.exit_code == 0, only.output + only.stderr
+    rows = json.loads((tmp_path / "one" / "amplification.json").read_text())["layers"]
+    assert [row["module"] for row in rows] == [f"experts.down_proj[{e}]" for e in range(4)]
