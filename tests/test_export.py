@@ -38,6 +38,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 from lorafam.export.ollama import build_modelfile, go_template, infer_chat_format
@@ -193,10 +195,14 @@ MODELS = {
     # with sentencepiece's byte fallback, a continuation of stray byte tokens decodes differently in
     # transformers ('\ufffd' per byte) and llama.cpp (raw bytes), which the text comparisons would trip on.
     "mixtral-chatml": (MixtralConfig, MixtralForCausalLM, chatml_tokenizer, True, "gpt-2", "llama"),
+    "qwen3moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM, qwen2_tokenizer, True, "qwen2", "qwen3moe"),
 }
+#: Config keys a model needs beyond SHAPE (llama.cpp's qwen3moe renormalizes the chosen experts' weights).
+MODEL_CONFIG = {"qwen3moe": {"norm_topk_prob": True, "moe_intermediate_size": 64, "num_experts": 8, "num_experts_per_tok": 2, "head_dim": 16}}
 #: transformers reads a GGUF "llama" file as a dense Llama: the experts of a Mixtral GGUF are not
 #: read back (llama.cpp runs them: tests/test_llamacpp.py; the tensors are checked here directly).
-READ_BY_TRANSFORMERS = [name for name in MODELS if MODELS[name][1] is not MixtralForCausalLM]
+READ_BY_TRANSFORMERS = [name for name in MODELS if MODELS[name][1] not in (MixtralForCausalLM, Qwen3MoeForCausalLM)]
+MOE_MODELS = [name for name in MODELS if name not in READ_BY_TRANSFORMERS]
 
 
 def padded(n: int, multiple: int = 64) -> int:
@@ -209,7 +215,7 @@ def build_run(root: Path, name: str, adapter: dict | None = None, steps: int = 1
     config_class, model_class, make_tokenizer, tied, _, _ = MODELS[name]
     tokenizer = make_tokenizer()
     config = config_class(vocab_size=padded(len(tokenizer)), tie_word_embeddings=tied, eos_token_id=tokenizer.eos_token_id,
-                          **(SHAPE | (config_keys or {})))
+                          **(SHAPE | MODEL_CONFIG.get(name, {}) | (config_keys or {})))
     if config_class is MistralConfig:
         config.sliding_window = None
     torch.manual_seed(0)
@@ -338,8 +344,8 @@ def test_gguf_read_back_by_transformers_has_the_merged_logits(exported):
     assert moved > 20 * errors["q8_0"] and moved > 5 * errors["q4_0"], (moved, errors)
 
 
-@pytest.mark.parametrize("exported", ["mixtral-chatml"], indirect=True)
-def test_mixtral_experts_are_written_as_llama_cpps_expert_tensors(exported):
+@pytest.mark.parametrize("exported", MOE_MODELS, indirect=True)
+def test_moe_experts_are_written_as_llama_cpps_expert_tensors(exported):
     """The merged fused experts, gate_up_proj split into llama.cpp's gate and up tensors (gate rows
     first, as the experts' forward chunks them), the router kept F32, the expert counts in the header."""
     name, run, outputs = exported
@@ -347,8 +353,10 @@ def test_mixtral_experts_are_written_as_llama_cpps_expert_tensors(exported):
     reader = gguf.GGUFReader(gguf_file(outputs["q8_0"]))
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["blk.0.ffn_gate_inp.weight"] == "F32" and types["blk.0.ffn_gate_exps.weight"] == "Q8_0"
-    fields = {key: field.contents() for key, field in reader.fields.items() if key.startswith("llama.expert")}
-    assert fields == {"llama.expert_count": merged.config.num_local_experts, "llama.expert_used_count": merged.config.num_experts_per_tok}
+    arch = MODELS[name][5]
+    fields = {key: field.contents() for key, field in reader.fields.items() if key in (f"{arch}.expert_count", f"{arch}.expert_used_count")}
+    experts = getattr(merged.config, "num_local_experts", None) or merged.config.num_experts
+    assert fields == {f"{arch}.expert_count": experts, f"{arch}.expert_used_count": merged.config.num_experts_per_tok}
     tensors = {t.name: np.array(t.data) for t in gguf.GGUFReader(gguf_file(outputs["f32"])).tensors}
     for i, layer in enumerate(merged.model.layers):
         gate_up = layer.mlp.experts.gate_up_proj.detach().numpy()
@@ -360,7 +368,7 @@ def test_mixtral_experts_are_written_as_llama_cpps_expert_tensors(exported):
             assert got.shape == want.shape and np.array_equal(got, want), key
 
 
-@pytest.mark.parametrize("exported", ["mixtral-chatml"], indirect=True)
+@pytest.mark.parametrize("exported", MOE_MODELS, indirect=True)
 def test_gguf_lora_of_an_expert_adapter_is_refused_in_one_line(exported, tmp_path):
     name, run, outputs = exported
     result = cli("export", run, "--format", "gguf-lora", "--output", tmp_path / "lora")
@@ -412,7 +420,7 @@ def test_gguf_metadata_and_layout(exported):
     assert names["blk.0.attn_q.weight"] == "Q8_0" and names["blk.0.attn_norm.weight"] == "F32"
     # The end-of-turn token llama.cpp must stop at: <|im_end|>, <|eot_id|>, </s>.
     eot = fields.get("tokenizer.ggml.eot_token_id")
-    assert eot is not None and tokens[eot] == {"llama-chatml": "<|im_end|>", "qwen2": "<|im_end|>", "llama3-untied": "<|eot_id|>", "mistral-spm": "</s>", "mixtral-chatml": "<|im_end|>"}[name]
+    assert eot is not None and tokens[eot] == {"llama-chatml": "<|im_end|>", "qwen2": "<|im_end|>", "llama3-untied": "<|eot_id|>", "mistral-spm": "</s>", "mixtral-chatml": "<|im_end|>", "qwen3moe": "<|im_end|>"}[name]
 
 
 def test_modelfile_and_model_card_next_to_the_gguf(exported):
@@ -424,7 +432,7 @@ def test_modelfile_and_model_card_next_to_the_gguf(exported):
     stops = {line.split(" ", 2)[2].strip('"') for line in modelfile.splitlines() if line.startswith("PARAMETER stop")}
     assert {"llama-chatml": {"<|im_end|>", "<|im_start|>"}, "qwen2": {"<|im_end|>", "<|im_start|>"},
             "llama3-untied": {"<|eot_id|>", "<|start_header_id|>"}, "mistral-spm": {"</s>"},
-            "mixtral-chatml": {"<|im_end|>", "<|im_start|>"}}[name] <= stops
+            "mixtral-chatml": {"<|im_end|>", "<|im_start|>"}, "qwen3moe": {"<|im_end|>", "<|im_start|>"}}[name] <= stops
 
     from huggingface_hub import ModelCard
 
@@ -504,7 +512,7 @@ def test_unsupported_architecture_is_one_clear_line(tmp_path):
     result = cli("export", tmp_path / "run", "--output", tmp_path / "out")
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
-    assert lines == ["error: GGUF export supports the llama, mistral, qwen2, mixtral architectures; this model is 'opt'. "
+    assert lines == ["error: GGUF export supports the llama, mistral, qwen2, mixtral, qwen3_moe architectures; this model is 'opt'. "
                      "Use `lorafam merge` for a transformers folder instead"]
     assert not (tmp_path / "out").exists()
 

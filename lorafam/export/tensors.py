@@ -15,7 +15,10 @@ runs it and how the weights must be laid out for it; everything else is the same
 * Mixtral (mixture of experts) runs as llama.cpp's Llama with experts: the router is
   ``ffn_gate_inp`` and the experts are 3-D tensors as transformers 5 stores them, except that the
   fused ``gate_up_proj`` (experts x 2·inter x hidden, gate rows first) is written as llama.cpp's two
-  tensors ``ffn_gate_exps`` and ``ffn_up_exps``.
+  tensors ``ffn_gate_exps`` and ``ffn_up_exps``. Qwen3-MoE runs as llama.cpp's qwen3moe, with the
+  same expert tensors, its per-head q/k norms, and transformers' rotary layout (no permutation).
+  Both renormalize the chosen experts' weights, so a Qwen3-MoE config with ``norm_topk_prob: false``,
+  or with dense MLP layers among the sparse ones, is refused.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "mistral": Architecture(gguf.MODEL_ARCH.LLAMA, True, ATTENTION + MLP, True),
     "qwen2": Architecture(gguf.MODEL_ARCH.QWEN2, False, ("q_proj", "k_proj", "v_proj"), False),
     "mixtral": Architecture(gguf.MODEL_ARCH.LLAMA, True, ATTENTION, True),
+    "qwen3_moe": Architecture(gguf.MODEL_ARCH.QWEN3MOE, False, (), False),
 }
 
 
@@ -106,10 +110,19 @@ def write_hyperparameters(writer: gguf.GGUFWriter, config: Any, architecture: Ar
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
-    experts = getattr(config, "num_local_experts", None)
-    if experts:  # Mixtral: llama.cpp's Llama routes to experts when these are set
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    if experts:  # Mixtral, Qwen3-MoE: llama.cpp routes to experts when these are set
         writer.add_expert_count(experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
+    if architecture.arch == gguf.MODEL_ARCH.QWEN3MOE:
+        if not config.norm_topk_prob:
+            raise LorafamError(
+                "GGUF export: llama.cpp's qwen3moe renormalizes the chosen experts' weights; this config has "
+                "norm_topk_prob: false, which it cannot run"
+            )
+        if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1:
+            raise LorafamError("GGUF export: llama.cpp's qwen3moe has experts in every layer; this config mixes in dense MLP layers")
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
     writer.add_head_count(heads)
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
