@@ -578,3 +578,26 @@ def test_amplification_is_reported_per_expert(arch, trained, tmp_path):
     assert only.exit_code == 0, only.output + only.stderr
     rows = json.loads((tmp_path / "one" / "amplification.json").read_text())["layers"]
     assert [row["module"] for row in rows] == [f"experts.down_proj[{e}]" for e in range(4)]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_trains_the_same_expert_adapter_as_one_process(stage, tmp_path, moe_folders, chat_data):
+    """DeepSpeed ZeRO-2 / ZeRO-3 on two CPU processes: the same adapter as one process of the same global batch."""
+    from test_distributed import ROOT, launch_deepspeed
+
+    reference = layout_run(tmp_path, moe_folders["qwen3_moe"], chat_data, 8, 1)
+    path = write_recipe(
+        tmp_path / "ds.yaml", moe_folders["qwen3_moe"], chat_data, tmp_path / "ds",
+        adapter={"variant": "lora", "r": 2, "alpha": 4, "target_modules": "all-linear"},
+        train={"max_steps": 6, "batch_size": 4, "grad_accum": 1, "optimizer": "sgd", "lr": 0.05,
+               "mixed_precision": "no", "save_every": None, "log_every": 1},
+        data_keys={"max_length": 40},
+    )
+    result = launch_deepspeed(ROOT / "configs" / f"deepspeed_zero{stage}.yaml", tmp_path / "extensions", "train", path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"engine: DeepSpeed ZeRO-{stage} on 2 process(es)" in " ".join(result.stdout.split())
+    expected, saved = load_file(reference / ADAPTER_WEIGHTS), load_file(tmp_path / "ds" / ADAPTER_WEIGHTS)
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in expected.items()}
+    for key in expected:
+        norm = expected[key].double().norm()
+        assert norm > 0 and float((expected[key].double() - saved[key].double()).norm() / norm) < 1e-5, key
