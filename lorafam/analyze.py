@@ -474,7 +474,13 @@ def decomposition(run_dir: Path, *, module: str | None, layer: int | None, outpu
     states = saved_states(run, warn)  # no checkpoints: an error before the model loads
     folder = output_folder(output, Path(run_dir))
     adapted = load_run(run_dir)
-    paths = select_paths(adapted.variant.layers, module, layer, str(run_dir))
+    has_experts = any(True for _ in adapted.expert_matrices(module, layer))
+    try:
+        paths = select_paths(adapted.variant.layers, module, layer, str(run_dir))
+    except LorafamError:
+        if not has_experts:  # neither a linear layer nor an expert weight matches
+            raise
+        paths = []
     where = grid_positions(list(adapted.variant.layers))
     points: dict[str, list[dict[str, Any]]] = {}
     with torch.no_grad():
@@ -485,6 +491,11 @@ def decomposition(run_dir: Path, *, module: str | None, layer: int | None, outpu
                 delta_m, delta_d = magnitude_direction_change(start + adapted.update(p), start)
                 points.setdefault(where[p][1], []).append(
                     {"path": p, "layer": where[p][0], "step": step, "delta_m": delta_m, "delta_d": delta_d}
+                )
+            for path, block, name, e, start, delta in adapted.expert_matrices(module, layer):  # each expert a matrix
+                delta_m, delta_d = magnitude_direction_change(start + delta, start)
+                points.setdefault(name, []).append(
+                    {"path": f"{path}[{e}]", "layer": block, "expert": e, "step": step, "delta_m": delta_m, "delta_d": delta_d}
                 )
     modules = {}
     for name, rows in points.items():
@@ -522,7 +533,7 @@ def decomposition(run_dir: Path, *, module: str | None, layer: int | None, outpu
         )
     notes = ["slope n/a: Delta D does not vary (e.g. only magnitudes changed)"] if any(
         e["fit"] is None for e in modules.values()) else []
-    return Result(data=data, files=files, table=table, notes=notes + experts_left_out(adapted.variant))
+    return Result(data=data, files=files, table=table, notes=notes)
 
 
 def _file_safe(name: str) -> str:

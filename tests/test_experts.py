@@ -478,12 +478,34 @@ def test_a_qlora_moe_run_trains_the_float_experts_says_so_and_merges(tmp_path, m
     assert merged.exit_code == 0, merged.output + merged.stderr
 
 
-def test_an_analysis_without_a_per_expert_form_names_the_experts_it_leaves_out(trained, tmp_path):
-    """decomposition (and subspace) read linear layers only, and say so. (GGUF export of MoE runs:
-    tests/test_export.py and tests/test_llamacpp.py.)"""
-    result = cli("analyze", "decomposition", trained["qwen3_moe"], "--output", tmp_path / "dec")
+def test_subspace_names_the_experts_it_leaves_out(trained, tmp_path):
+    """analyze subspace compares linear layers' pairs only, and says so."""
+    result = cli("analyze", "subspace", trained["qwen3_moe"], "--output", tmp_path / "sub")
     assert result.exit_code == 0, result.output + result.stderr
     assert "not analyzed: the 4 adapted fused expert weights" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decomposition_is_reported_per_expert(arch, trained, tmp_path):
+    """DoRA's Delta M / Delta D (magnitude and direction change per output row) for each expert, at
+    each saved step, beside the linear layers."""
+    result = cli("analyze", "decomposition", trained[arch], "--output", tmp_path / "dec")
+    assert result.exit_code == 0, result.output + result.stderr
+    data = json.loads((tmp_path / "dec" / "decomposition.json").read_text())
+    steps = data["steps"]
+    for name in ("experts.gate_up_proj", "experts.down_proj"):
+        points = data["modules"][name]["points"]
+        assert len(points) == len(steps) * 2 * 4  # steps x layers x experts
+    adapted, variant = load_adapted(open_run(trained[arch]))  # the final step's weights
+    layer = variant.expert_layers["model.layers.1.mlp.experts"]  # down_proj
+    W, V = layer.base_weight().detach().double(), reference_weight(layer).detach().double()
+    for e in range(layer.num_experts):
+        (point,) = [p for p in data["modules"]["experts.down_proj"]["points"]
+                    if p["step"] == steps[-1] and p["path"] == f"model.layers.1.mlp.experts.down_proj[{e}]"]
+        rows_m = (V[e].norm(dim=1) - W[e].norm(dim=1)).abs().mean()
+        rows_d = (1 - torch.nn.functional.cosine_similarity(V[e], W[e], dim=1)).mean()
+        assert point["delta_m"] == pytest.approx(float(rows_m), rel=1e-4) and point["delta_m"] > 0
+        assert point["delta_d"] == pytest.approx(float(rows_d), rel=1e-3) and point["delta_d"] > 0
 
 
 def test_lora_plus_puts_the_experts_B_in_the_fast_group_and_lora_fa_freezes_their_A():
