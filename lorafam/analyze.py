@@ -179,21 +179,25 @@ class AdaptedRun:
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         self.variant.load_adapter_state_dict(tensors)
 
-    def expert_matrices(self, module: str | None, layer: int | None) -> Iterator[tuple[str, str, str, int, torch.Tensor, torch.Tensor]]:
-        """(parameter path, block index, 'experts.down_proj', expert, W_e, Delta W_e) of every expert of every adapted fused
-        weight, as (out, in) float64 on the CPU, filtered like ``select_paths`` (``--module`` a suffix of
-        'experts.down_proj'). W_e is the pre-trained weight (PiSSA's principal part added back)."""
+    def expert_weights(self, module: str | None, layer: int | None) -> list[tuple[str, str, str, Any]]:
+        """(parameter path, block index, 'experts.down_proj', its ExpertLoRALayer) of the adapted fused
+        weights ``--module`` (a suffix of 'experts.down_proj') and ``--layer`` select."""
         from lorafam.adapters.base import grid_positions
 
         paths = {path.split(".base_layer")[0] + "." + lay.parameter_name: lay for path, lay in self.variant.expert_layers.items()}
         where = grid_positions(list(paths))
+        chosen = []
         for path, expert_layer in paths.items():
-            block = where[path][0]
-            name = ".".join(path.rsplit(".", 2)[-2:])
-            if module is not None and not (name == module or name.endswith("." + module)):
-                continue
-            if layer is not None and block != str(layer):
-                continue
+            block, name = where[path][0], ".".join(path.rsplit(".", 2)[-2:])
+            if (module is None or name == module or name.endswith("." + module)) and (layer is None or block == str(layer)):
+                chosen.append((path, block, name, expert_layer))
+        return chosen
+
+    def expert_matrices(self, module: str | None, layer: int | None) -> Iterator[tuple[str, str, str, int, torch.Tensor, torch.Tensor]]:
+        """(parameter path, block index, 'experts.down_proj', expert, W_e, Delta W_e) of every expert of the
+        selected fused weights (``expert_weights``), as (out, in) float64 on the CPU. W_e is the
+        pre-trained weight (PiSSA's principal part added back)."""
+        for path, block, name, expert_layer in self.expert_weights(module, layer):
             original = expert_layer._canonical(expert_layer.original_weight()).detach().to("cpu", torch.float64)
             adapted = expert_layer.adapted_canonical().detach().to("cpu", torch.float64)
             for e in range(expert_layer.num_experts):
@@ -298,15 +302,6 @@ class Result:
     notes: list[str] = field(default_factory=list)
 
 
-def experts_left_out(variant: Any) -> list[str]:
-    """The note for a run that also adapted fused expert weights: these analyses read linear layers only."""
-    count = len(getattr(variant, "expert_layers", {}))
-    if not count:
-        return []
-    return [f"not analyzed: the {count} adapted fused expert weights (per-expert analysis is not implemented; "
-            "this covers the linear layers)"]
-
-
 def write_json(path: Path, obj: Any) -> Path:
     from lorafam.run import write_json as atomic_json
 
@@ -345,6 +340,21 @@ def _factors(adapted: AdaptedRun, paths: list[str], side: Side) -> dict[str, tor
     return out
 
 
+def _expert_factors(adapted: AdaptedRun, module: str | None, layer: int | None, side: Side) -> dict[str, torch.Tensor]:
+    """The singular basis of each expert's A_e (or B_e), keyed 'path.to.experts.down_proj[e]'."""
+    out = {}
+    for path, _, _, expert_layer in adapted.expert_weights(module, layer):
+        B, A = expert_layer.factors()
+        for e in range(expert_layer.num_experts):
+            out[f"{path}[{e}]"] = singular_basis((A[e] if side == "A" else B[e]).detach(), side)
+    return out
+
+
+def _expert_keys(adapted: AdaptedRun, module: str | None, layer: int | None) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """('path.to.experts.down_proj[e]', W_e, Delta W_e) of the experts ``--module`` / ``--layer`` select."""
+    return [(f"{path}[{e}]", weight, delta) for path, _, _, e, weight, delta in adapted.expert_matrices(module, layer)]
+
+
 def subspace(
     run_a: Path,
     run_b: Path | None,
@@ -368,18 +378,24 @@ def subspace(
         open_run(run_b)
     folder = output_folder(output, Path(run_a))
     first = load_run(run_a)
-    left_out = experts_left_out(first.variant)
-    paths = select_paths(first.variant.layers, module, layer, str(run_a))
+    experts = _expert_keys(first, module, layer)
+    try:
+        paths = select_paths(first.variant.layers, module, layer, str(run_a))
+    except LorafamError:
+        if not experts:  # neither a linear layer nor an expert weight matches
+            raise
+        paths = []
     space = "input space: right-singular vectors of A" if side == "A" else "output space: left-singular vectors of B"
     matrices: dict[str, dict[str, Any]] = {}
     if run_b is not None:
-        bases_a = _factors(first, paths, side)
-        del first
+        bases_a = _factors(first, paths, side) | _expert_factors(first, module, layer, side)
+        del first, experts
         second = load_run(run_b)
-        shared = [p for p in paths if p in second.variant.layers]
+        bases_b = _factors(second, [p for p in paths if p in second.variant.layers], side)
+        bases_b |= _expert_factors(second, module, layer, side)
+        shared = [p for p in bases_a if p in bases_b]
         if not shared:
             raise LorafamError(f"{run_a} and {run_b} adapt no module in common; pick runs of the same model")
-        bases_b = _factors(second, shared, side)
         for path in shared:
             if bases_a[path].shape[0] != bases_b[path].shape[0]:
                 raise LorafamError(f"{path} has different shapes in {run_a} and {run_b}: runs of different models?")
@@ -395,6 +411,12 @@ def subspace(
             count = min(n, base_directions or max(rank, math.ceil(0.1 * n)))
             phi = subspace_similarity(singular_basis(delta, side)[:, :rank], singular_basis(weight, side)[:, :count])
             matrices[path] = {"rows": rank, "columns": count, "phi": phi}
+        for key, weight, delta in experts:  # each expert of a fused weight is its own matrix
+            n = min(weight.shape)
+            rank = min(first.variant.config.r, n)
+            count = min(n, base_directions or max(rank, math.ceil(0.1 * n)))
+            phi = subspace_similarity(singular_basis(delta, side)[:, :rank], singular_basis(weight, side)[:, :count])
+            matrices[key] = {"rows": rank, "columns": count, "phi": phi}
         compared = {"rows": f"{run_a}: Delta W's top-i directions", "columns": "the pre-trained W's top-j directions"}
 
     from lorafam.adapters.base import grid_positions
@@ -430,7 +452,7 @@ def subspace(
     notes = [f"subspace.png shows layer {shown_layer}" + ("" if layer is not None else " (pass --layer N for another)")]
     if len(listed) < len(matrices):
         notes.append(f"table lists layer {shown_layer}; all {len(matrices)} matrices are in subspace.json")
-    return Result(data=data, files=files, table=table, notes=notes + left_out)
+    return Result(data=data, files=files, table=table, notes=notes)
 
 
 def _layer_order(layer: str) -> tuple[bool, int | str]:
@@ -474,7 +496,7 @@ def decomposition(run_dir: Path, *, module: str | None, layer: int | None, outpu
     states = saved_states(run, warn)  # no checkpoints: an error before the model loads
     folder = output_folder(output, Path(run_dir))
     adapted = load_run(run_dir)
-    has_experts = any(True for _ in adapted.expert_matrices(module, layer))
+    has_experts = bool(adapted.expert_weights(module, layer))
     try:
         paths = select_paths(adapted.variant.layers, module, layer, str(run_dir))
     except LorafamError:

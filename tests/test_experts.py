@@ -478,11 +478,23 @@ def test_a_qlora_moe_run_trains_the_float_experts_says_so_and_merges(tmp_path, m
     assert merged.exit_code == 0, merged.output + merged.stderr
 
 
-def test_subspace_names_the_experts_it_leaves_out(trained, tmp_path):
-    """analyze subspace compares linear layers' pairs only, and says so."""
-    result = cli("analyze", "subspace", trained["qwen3_moe"], "--output", tmp_path / "sub")
-    assert result.exit_code == 0, result.output + result.stderr
-    assert "not analyzed: the 4 adapted fused expert weights" in " ".join(result.output.split())
+@pytest.mark.parametrize("arch", ARCHS)
+def test_subspace_is_reported_per_expert(arch, trained, tmp_path):
+    """The LoRA paper's section 7.2 per expert: each expert's update against its W_e (one run), and each
+    expert's A_e against the same expert of another run (here the run itself: phi is 1 everywhere)."""
+    one = cli("analyze", "subspace", trained[arch], "--output", tmp_path / "one")
+    assert one.exit_code == 0, one.output + one.stderr
+    matrices = {m["path"]: m for m in json.loads((tmp_path / "one" / "subspace.json").read_text())["matrices"]}
+    experts = [p for p in matrices if "[" in p]
+    assert len(experts) == 2 * 2 * 4 and len(matrices) - len(experts) == 2 * 4
+    assert matrices["model.layers.0.mlp.experts.down_proj[3]"]["rows"] == 2
+    same = cli("analyze", "subspace", trained[arch], trained[arch], "--module", "experts.down_proj", "--output", tmp_path / "two")
+    assert same.exit_code == 0, same.output + same.stderr
+    matrices = json.loads((tmp_path / "two" / "subspace.json").read_text())["matrices"]
+    assert sorted(m["path"] for m in matrices) == sorted(
+        f"model.layers.{i}.mlp.experts.down_proj[{e}]" for i in range(2) for e in range(4))
+    for m in matrices:
+        assert all(abs(x - 1) < 1e-5 for row in m["phi"] for x in row), m["path"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
