@@ -261,6 +261,12 @@ def test_variants_without_an_expert_form_are_refused_in_one_line(variant, tmp_pa
         "(model.layers.0.mlp.experts.gate_up_proj and 3 more): "
     )
     assert "adapter.target_parameters: [] to leave them frozen" in implied.stderr
+    section = adapter_section(variant, dropout=0.0) | {"target_modules": "all-linear", "target_parameters": []}
+    frozen = cli("inspect", moe_recipe(tmp_path, moe_folders["qwen3_moe"], text_data, "frozen", section))
+    assert frozen.exit_code == 0, frozen.output + frozen.stderr
+    assert (f"not adapted: 4 fused 3-D weight(s), 12,288 parameters (experts.down_proj, experts.gate_up_proj); {variant} "
+            f"cannot adapt them; {', '.join(EXPERT_VARIANTS)} can, with adapter.target_parameters: "
+            "[experts.down_proj, experts.gate_up_proj]") in " ".join(frozen.output.split())
 
 
 @pytest.mark.parametrize("arch", ARCHS)

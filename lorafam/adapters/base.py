@@ -329,10 +329,10 @@ class Variant:
             params = sum(sum(v) for v in frozen.values())
             # The whole list to write: the ones adapted now, and these.
             suggested = sorted(set(self.expert_parameter_names()) | set(names))
-            notes.append(
-                f"not adapted: {count} fused 3-D weight(s), {params:,} parameters ({', '.join(names)}); "
-                f"adapter.target_parameters: [{', '.join(suggested)}] would adapt them"
-            )
+            key = f"adapter.target_parameters: [{', '.join(suggested)}]"
+            how = (f"{key} would adapt them" if self.supports_expert_parameters
+                   else f"{self.name} cannot adapt them; {', '.join(_expert_capable())} can, with {key}")
+            notes.append(f"not adapted: {count} fused 3-D weight(s), {params:,} parameters ({', '.join(names)}); {how}")
         if self.expert_layers and _has_quantized_layers(model):
             weights = [layer.base_weight() for layer in self.expert_layers.values()]
             notes.append(
