@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import re
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -179,6 +179,30 @@ class AdaptedRun:
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         self.variant.load_adapter_state_dict(tensors)
 
+    def expert_weights(self, module: str | None, layer: int | None) -> list[tuple[str, str, str, Any]]:
+        """(parameter path, block index, 'experts.down_proj', its ExpertLoRALayer) of the adapted fused
+        weights ``--module`` (a suffix of 'experts.down_proj') and ``--layer`` select."""
+        from lorafam.adapters.base import grid_positions
+
+        paths = {path.split(".base_layer")[0] + "." + lay.parameter_name: lay for path, lay in self.variant.expert_layers.items()}
+        where = grid_positions(list(paths))
+        chosen = []
+        for path, expert_layer in paths.items():
+            block, name = where[path][0], ".".join(path.rsplit(".", 2)[-2:])
+            if (module is None or name == module or name.endswith("." + module)) and (layer is None or block == str(layer)):
+                chosen.append((path, block, name, expert_layer))
+        return chosen
+
+    def expert_matrices(self, module: str | None, layer: int | None) -> Iterator[tuple[str, str, str, int, torch.Tensor, torch.Tensor]]:
+        """(parameter path, block index, 'experts.down_proj', expert, W_e, Delta W_e) of every expert of the
+        selected fused weights (``expert_weights``), as (out, in) float64 on the CPU. W_e is the
+        pre-trained weight (PiSSA's principal part added back)."""
+        for path, block, name, expert_layer in self.expert_weights(module, layer):
+            original = expert_layer._canonical(expert_layer.original_weight()).detach().to("cpu", torch.float64)
+            adapted = expert_layer.adapted_canonical().detach().to("cpu", torch.float64)
+            for e in range(expert_layer.num_experts):
+                yield path, block, name, e, original[e], adapted[e] - original[e]
+
 
 def load_run(folder: str | Path) -> AdaptedRun:
     """Load a finished run folder's model and adapter, noting each layer's update at init first."""
@@ -316,6 +340,21 @@ def _factors(adapted: AdaptedRun, paths: list[str], side: Side) -> dict[str, tor
     return out
 
 
+def _expert_factors(adapted: AdaptedRun, module: str | None, layer: int | None, side: Side) -> dict[str, torch.Tensor]:
+    """The singular basis of each expert's A_e (or B_e), keyed 'path.to.experts.down_proj[e]'."""
+    out = {}
+    for path, _, _, expert_layer in adapted.expert_weights(module, layer):
+        B, A = expert_layer.factors()
+        for e in range(expert_layer.num_experts):
+            out[f"{path}[{e}]"] = singular_basis((A[e] if side == "A" else B[e]).detach(), side)
+    return out
+
+
+def _expert_keys(adapted: AdaptedRun, module: str | None, layer: int | None) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """('path.to.experts.down_proj[e]', W_e, Delta W_e) of the experts ``--module`` / ``--layer`` select."""
+    return [(f"{path}[{e}]", weight, delta) for path, _, _, e, weight, delta in adapted.expert_matrices(module, layer)]
+
+
 def subspace(
     run_a: Path,
     run_b: Path | None,
@@ -339,17 +378,24 @@ def subspace(
         open_run(run_b)
     folder = output_folder(output, Path(run_a))
     first = load_run(run_a)
-    paths = select_paths(first.variant.layers, module, layer, str(run_a))
+    experts = _expert_keys(first, module, layer)
+    try:
+        paths = select_paths(first.variant.layers, module, layer, str(run_a))
+    except LorafamError:
+        if not experts:  # neither a linear layer nor an expert weight matches
+            raise
+        paths = []
     space = "input space: right-singular vectors of A" if side == "A" else "output space: left-singular vectors of B"
     matrices: dict[str, dict[str, Any]] = {}
     if run_b is not None:
-        bases_a = _factors(first, paths, side)
-        del first
+        bases_a = _factors(first, paths, side) | _expert_factors(first, module, layer, side)
+        del first, experts
         second = load_run(run_b)
-        shared = [p for p in paths if p in second.variant.layers]
+        bases_b = _factors(second, [p for p in paths if p in second.variant.layers], side)
+        bases_b |= _expert_factors(second, module, layer, side)
+        shared = [p for p in bases_a if p in bases_b]
         if not shared:
             raise LorafamError(f"{run_a} and {run_b} adapt no module in common; pick runs of the same model")
-        bases_b = _factors(second, shared, side)
         for path in shared:
             if bases_a[path].shape[0] != bases_b[path].shape[0]:
                 raise LorafamError(f"{path} has different shapes in {run_a} and {run_b}: runs of different models?")
@@ -365,6 +411,12 @@ def subspace(
             count = min(n, base_directions or max(rank, math.ceil(0.1 * n)))
             phi = subspace_similarity(singular_basis(delta, side)[:, :rank], singular_basis(weight, side)[:, :count])
             matrices[path] = {"rows": rank, "columns": count, "phi": phi}
+        for key, weight, delta in experts:  # each expert of a fused weight is its own matrix
+            n = min(weight.shape)
+            rank = min(first.variant.config.r, n)
+            count = min(n, base_directions or max(rank, math.ceil(0.1 * n)))
+            phi = subspace_similarity(singular_basis(delta, side)[:, :rank], singular_basis(weight, side)[:, :count])
+            matrices[key] = {"rows": rank, "columns": count, "phi": phi}
         compared = {"rows": f"{run_a}: Delta W's top-i directions", "columns": "the pre-trained W's top-j directions"}
 
     from lorafam.adapters.base import grid_positions
@@ -444,7 +496,13 @@ def decomposition(run_dir: Path, *, module: str | None, layer: int | None, outpu
     states = saved_states(run, warn)  # no checkpoints: an error before the model loads
     folder = output_folder(output, Path(run_dir))
     adapted = load_run(run_dir)
-    paths = select_paths(adapted.variant.layers, module, layer, str(run_dir))
+    has_experts = bool(adapted.expert_weights(module, layer))
+    try:
+        paths = select_paths(adapted.variant.layers, module, layer, str(run_dir))
+    except LorafamError:
+        if not has_experts:  # neither a linear layer nor an expert weight matches
+            raise
+        paths = []
     where = grid_positions(list(adapted.variant.layers))
     points: dict[str, list[dict[str, Any]]] = {}
     with torch.no_grad():
@@ -455,6 +513,11 @@ def decomposition(run_dir: Path, *, module: str | None, layer: int | None, outpu
                 delta_m, delta_d = magnitude_direction_change(start + adapted.update(p), start)
                 points.setdefault(where[p][1], []).append(
                     {"path": p, "layer": where[p][0], "step": step, "delta_m": delta_m, "delta_d": delta_d}
+                )
+            for path, block, name, e, start, delta in adapted.expert_matrices(module, layer):  # each expert a matrix
+                delta_m, delta_d = magnitude_direction_change(start + delta, start)
+                points.setdefault(name, []).append(
+                    {"path": f"{path}[{e}]", "layer": block, "expert": e, "step": step, "delta_m": delta_m, "delta_d": delta_d}
                 )
     modules = {}
     for name, rows in points.items():
@@ -542,7 +605,13 @@ def amplification(run_dir: Path, *, module: str | None, layer: int | None, outpu
     open_run(run_dir)
     folder = output_folder(output, Path(run_dir))
     adapted = load_run(run_dir)
-    paths = select_paths(adapted.variant.layers, module, layer, str(run_dir))
+    experts = list(adapted.expert_matrices(module, layer))
+    try:
+        paths = select_paths(adapted.variant.layers, module, layer, str(run_dir))
+    except LorafamError:
+        if not experts:  # neither a linear layer nor an expert weight matches
+            raise
+        paths = []
     from lorafam.adapters.base import grid_positions
 
     where = grid_positions(list(adapted.variant.layers))
@@ -552,6 +621,9 @@ def amplification(run_dir: Path, *, module: str | None, layer: int | None, outpu
             r = rank or adapter_rank(adapted, p)
             numbers = amplification_numbers(adapted.start_weight(p), adapted.update(p), r, samples, seed)
             rows.append({"path": p, "layer": where[p][0], "module": where[p][1], **numbers})
+        for path, block, name, e, weight, delta in experts:  # each expert of a fused weight is its own matrix
+            numbers = amplification_numbers(weight, delta, rank or adapted.run.recipe.adapter.r, samples, seed)
+            rows.append({"path": f"{path}[{e}]", "layer": block, "module": f"{name}[{e}]", "expert": e, **numbers})
     data = {
         "analysis": "Delta W vs W (LoRA paper, section 7.3)",
         "variant": adapted.variant.name,

@@ -40,9 +40,10 @@ class Built:
         """What the run is, before it starts: model, adapter, parameters, data, layout, precision."""
         spec, data, layout, variant = self.recipe, self.data, self.layout, self.variant
         trainable, total = variant.parameter_counts()
-        console.print(f"model {spec.model.name} ({type(self.model).__name__}) · adapter {variant.name} · {len(variant.layers)} layers adapted")
+        experts = f" + {len(variant.expert_layers)} fused expert weights" if variant.expert_layers else ""
+        console.print(f"model {spec.model.name} ({type(self.model).__name__}) · adapter {variant.name} · {len(variant.layers)} layers{experts} adapted")
         console.print(param_line(trainable, total))
-        for line in variant.notes():
+        for line in expert_lines(variant) + variant.target_notes() + variant.notes():
             console.print(line, markup=False, soft_wrap=True)
         console.print(
             f"data: {data.format}, {len(data.train) if data.packing is None else data.packing.examples} train / "
@@ -96,6 +97,22 @@ def build(recipe: Recipe, previous: RunInfo | None, processes: int) -> Built:
     model = load_model(model_config, data.label_names)
     variant = adapt(model, recipe, head_modules(model, recipe.model.task))
     return Built(recipe, model_config, tokenizer, data, model, variant, precision, layout_of(recipe, processes))
+
+
+def expert_lines(variant: Variant) -> list[str]:
+    """One line per adapted fused expert parameter name: how many, experts x out x in, parameters."""
+    groups: dict[str, list[Any]] = {}
+    for layer in variant.expert_layers.values():
+        groups.setdefault(layer.parameter_name, []).append(layer)
+    lines = []
+    for name, layers in groups.items():
+        first = layers[0]
+        params = sum(p.numel() for layer in layers for n, p in layer.named_parameters() if p.requires_grad and not n.startswith("base_layer."))
+        lines.append(
+            f"adapted experts: {name} in {len(layers)} layers ({first.num_experts} experts x {first.out_features} x "
+            f"{first.in_features}, rank {first.r} per expert), {params:,} trainable params"
+        )
+    return lines
 
 
 def param_line(trainable: int, total: int) -> str:

@@ -197,6 +197,11 @@ def inspect(
         params = sum(p.numel() for n, p in layer.named_parameters() if p.requires_grad and not n.startswith("base_layer."))
         key = (path.rsplit(".", 1)[-1], f"{layer.out_features} x {layer.in_features}")
         groups.setdefault(key, []).append(params)
+    for path, layer in variant.expert_layers.items():
+        params = sum(p.numel() for n, p in layer.named_parameters() if p.requires_grad and not n.startswith("base_layer."))
+        module = path.split(".base_layer")[0].rsplit(".", 1)[-1]  # as target_parameters names it
+        key = (f"{module}.{layer.parameter_name}", f"{layer.num_experts} experts x {layer.out_features} x {layer.in_features}")
+        groups.setdefault(key, []).append(params)
     for (name, shape), counts in groups.items():
         table.add_row(name, shape, str(len(counts)), f"{sum(counts):,}")
     listed = sum(sum(counts) for counts in groups.values())
@@ -207,7 +212,7 @@ def inspect(
     if trainable > listed:  # parameters no single layer owns, e.g. LoRA-drop's shared pairs
         table.add_row("shared across layers", "", "", f"{trainable - listed:,}")
     out.print(table)
-    for line in variant.notes():
+    for line in variant.target_notes() + variant.notes():
         out.print(line, markup=False, soft_wrap=True)
     # A finished run reports what training decided (e.g. final ranks); a recipe, what it plans.
     for line in run_report or variant.report():

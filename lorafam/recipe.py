@@ -172,6 +172,13 @@ class Recipe(Section):
         if self.data.packing and (refusal := packing_refusal(self.data.format, self.model.task)):
             raise ValueError(refusal)
         variant = VARIANTS[self.adapter.variant]
+        if self.adapter.target_parameters and not variant.supports_expert_parameters:
+            able = ", ".join(name for name, v in VARIANTS.items() if v.supports_expert_parameters)
+            raise ValueError(
+                f"adapter.target_parameters: {variant.name} cannot adapt fused expert weights "
+                f"({self.adapter.target_parameters[0]}): {variant.expert_parameters_reason}; remove "
+                f"adapter.target_parameters, or pick a variant that adapts them: {able}"
+            )
         if self.model.quantization is not None and not variant.supports_quantized_base:
             able = ", ".join(name for name, v in VARIANTS.items() if v.supports_quantized_base)
             raise ValueError(

@@ -33,9 +33,13 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 from lorafam.export.ollama import build_modelfile, go_template, infer_chat_format
@@ -187,7 +191,18 @@ MODELS = {
     "llama3-untied": (LlamaConfig, LlamaForCausalLM, llama3_tokenizer, False, "llama-bpe", "llama"),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, qwen2_tokenizer, True, "qwen2", "qwen2"),
     "mistral-spm": (MistralConfig, MistralForCausalLM, sentencepiece_tokenizer, False, None, "llama"),
+    # Mixture of experts (8 experts, top 2), fused expert weights adapted by all-linear. Byte-level BPE:
+    # with sentencepiece's byte fallback, a continuation of stray byte tokens decodes differently in
+    # transformers ('\ufffd' per byte) and llama.cpp (raw bytes), which the text comparisons would trip on.
+    "mixtral-chatml": (MixtralConfig, MixtralForCausalLM, chatml_tokenizer, True, "gpt-2", "llama"),
+    "qwen3moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM, qwen2_tokenizer, True, "qwen2", "qwen3moe"),
 }
+#: Config keys a model needs beyond SHAPE (llama.cpp's qwen3moe renormalizes the chosen experts' weights).
+MODEL_CONFIG = {"qwen3moe": {"norm_topk_prob": True, "moe_intermediate_size": 64, "num_experts": 8, "num_experts_per_tok": 2, "head_dim": 16}}
+#: transformers reads a GGUF "llama" file as a dense Llama: the experts of a Mixtral GGUF are not
+#: read back (llama.cpp runs them: tests/test_llamacpp.py; the tensors are checked here directly).
+READ_BY_TRANSFORMERS = [name for name in MODELS if MODELS[name][1] not in (MixtralForCausalLM, Qwen3MoeForCausalLM)]
+MOE_MODELS = [name for name in MODELS if name not in READ_BY_TRANSFORMERS]
 
 
 def padded(n: int, multiple: int = 64) -> int:
@@ -200,7 +215,7 @@ def build_run(root: Path, name: str, adapter: dict | None = None, steps: int = 1
     config_class, model_class, make_tokenizer, tied, _, _ = MODELS[name]
     tokenizer = make_tokenizer()
     config = config_class(vocab_size=padded(len(tokenizer)), tie_word_embeddings=tied, eos_token_id=tokenizer.eos_token_id,
-                          **(SHAPE | (config_keys or {})))
+                          **(SHAPE | MODEL_CONFIG.get(name, {}) | (config_keys or {})))
     if config_class is MistralConfig:
         config.sliding_window = None
     torch.manual_seed(0)
@@ -301,6 +316,7 @@ def round_weights(merged: torch.nn.Module, quant: str) -> torch.nn.Module:
 # The GGUF read back by transformers
 
 
+@pytest.mark.parametrize("exported", READ_BY_TRANSFORMERS, indirect=True)
 def test_gguf_read_back_by_transformers_has_the_merged_logits(exported):
     name, run, outputs = exported
     loaded = open_run(run)
@@ -326,6 +342,42 @@ def test_gguf_read_back_by_transformers_has_the_merged_logits(exported):
     assert errors["q8_0"] < 3e-2 and errors["q4_0"] < 0.1, errors
     # ...and all of it is far below what the adapter changed: the export carries the fine-tune.
     assert moved > 20 * errors["q8_0"] and moved > 5 * errors["q4_0"], (moved, errors)
+
+
+@pytest.mark.parametrize("exported", MOE_MODELS, indirect=True)
+def test_moe_experts_are_written_as_llama_cpps_expert_tensors(exported):
+    """The merged fused experts, gate_up_proj split into llama.cpp's gate and up tensors (gate rows
+    first, as the experts' forward chunks them), the router kept F32, the expert counts in the header."""
+    name, run, outputs = exported
+    merged = merged_model(open_run(run))
+    reader = gguf.GGUFReader(gguf_file(outputs["q8_0"]))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.ffn_gate_inp.weight"] == "F32" and types["blk.0.ffn_gate_exps.weight"] == "Q8_0"
+    arch = MODELS[name][5]
+    fields = {key: field.contents() for key, field in reader.fields.items() if key in (f"{arch}.expert_count", f"{arch}.expert_used_count")}
+    experts = getattr(merged.config, "num_local_experts", None) or merged.config.num_experts
+    assert fields == {f"{arch}.expert_count": experts, f"{arch}.expert_used_count": merged.config.num_experts_per_tok}
+    tensors = {t.name: np.array(t.data) for t in gguf.GGUFReader(gguf_file(outputs["f32"])).tensors}
+    for i, layer in enumerate(merged.model.layers):
+        gate_up = layer.mlp.experts.gate_up_proj.detach().numpy()
+        inter = gate_up.shape[1] // 2
+        expected = {"ffn_gate_exps": gate_up[:, :inter], "ffn_up_exps": gate_up[:, inter:],
+                    "ffn_down_exps": layer.mlp.experts.down_proj.detach().numpy(), "ffn_gate_inp": layer.mlp.gate.weight.detach().numpy()}
+        for key, want in expected.items():
+            got = tensors[f"blk.{i}.{key}.weight"]
+            assert got.shape == want.shape and np.array_equal(got, want), key
+
+
+@pytest.mark.parametrize("exported", MOE_MODELS, indirect=True)
+def test_gguf_lora_of_an_expert_adapter_is_refused_in_one_line(exported, tmp_path):
+    name, run, outputs = exported
+    result = cli("export", run, "--format", "gguf-lora", "--output", tmp_path / "lora")
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: --format gguf-lora: the adapter changes fused expert weights, which this export does not write as "
+        "llama.cpp LoRA tensors; use --format gguf (the merged model)"
+    ]
+    assert not (tmp_path / "lora").exists()
 
 
 def test_tokenizer_read_back_encodes_a_chat_like_the_original(exported):
@@ -368,7 +420,7 @@ def test_gguf_metadata_and_layout(exported):
     assert names["blk.0.attn_q.weight"] == "Q8_0" and names["blk.0.attn_norm.weight"] == "F32"
     # The end-of-turn token llama.cpp must stop at: <|im_end|>, <|eot_id|>, </s>.
     eot = fields.get("tokenizer.ggml.eot_token_id")
-    assert eot is not None and tokens[eot] == {"llama-chatml": "<|im_end|>", "qwen2": "<|im_end|>", "llama3-untied": "<|eot_id|>", "mistral-spm": "</s>"}[name]
+    assert eot is not None and tokens[eot] == {"llama-chatml": "<|im_end|>", "qwen2": "<|im_end|>", "llama3-untied": "<|eot_id|>", "mistral-spm": "</s>", "mixtral-chatml": "<|im_end|>", "qwen3moe": "<|im_end|>"}[name]
 
 
 def test_modelfile_and_model_card_next_to_the_gguf(exported):
@@ -379,7 +431,8 @@ def test_modelfile_and_model_card_next_to_the_gguf(exported):
     assert 'TEMPLATE """' in modelfile
     stops = {line.split(" ", 2)[2].strip('"') for line in modelfile.splitlines() if line.startswith("PARAMETER stop")}
     assert {"llama-chatml": {"<|im_end|>", "<|im_start|>"}, "qwen2": {"<|im_end|>", "<|im_start|>"},
-            "llama3-untied": {"<|eot_id|>", "<|start_header_id|>"}, "mistral-spm": {"</s>"}}[name] <= stops
+            "llama3-untied": {"<|eot_id|>", "<|start_header_id|>"}, "mistral-spm": {"</s>"},
+            "mixtral-chatml": {"<|im_end|>", "<|im_start|>"}, "qwen3moe": {"<|im_end|>", "<|im_start|>"}}[name] <= stops
 
     from huggingface_hub import ModelCard
 
@@ -459,7 +512,7 @@ def test_unsupported_architecture_is_one_clear_line(tmp_path):
     result = cli("export", tmp_path / "run", "--output", tmp_path / "out")
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
-    assert lines == ["error: GGUF export supports the llama, mistral, qwen2 architectures; this model is 'opt'. "
+    assert lines == ["error: GGUF export supports the llama, mistral, qwen2, mixtral, qwen3_moe architectures; this model is 'opt'. "
                      "Use `lorafam merge` for a transformers folder instead"]
     assert not (tmp_path / "out").exists()
 

@@ -60,6 +60,35 @@ def make_model_folder(folder: Path, chat_template: bool = True) -> Path:
     return folder
 
 
+def tiny_moe_config(arch: str, vocab_size: int = 64):
+    """A 2-layer mixture-of-experts config (4 experts, top 2, hidden 32): Qwen3-MoE or Mixtral, whose
+    experts transformers 5 stores fused, as 3-D parameters."""
+    from transformers import MixtralConfig, Qwen3MoeConfig
+
+    common = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=256, pad_token_id=0,
+                  tie_word_embeddings=True, num_experts_per_tok=2)
+    if arch == "qwen3_moe":
+        return Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=16, num_experts=4, **common)
+    if arch == "mixtral":
+        return MixtralConfig(intermediate_size=16, num_local_experts=4, **common)
+    raise ValueError(arch)
+
+
+def make_moe_model_folder(folder: Path, arch: str) -> Path:
+    """``make_model_folder`` with a tiny mixture-of-experts model (``tiny_moe_config``)."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = word_tokenizer()
+    tokenizer.chat_template = WORD_CHAT_TEMPLATE
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_moe_config(arch, vocab_size=len(tokenizer)))
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def make_text_data(path: Path, rows: int = 64, seed: int = 0) -> Path:
     rng = random.Random(seed)
     with path.open("w") as f:

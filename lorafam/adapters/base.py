@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from lorafam.adapters.dropout import AdapterDropout, salt_dropouts
+from lorafam.adapters.experts import ExpertLoRALayer, find_expert_targets, fused_parameters, short_name, unwrap
 from lorafam.distributed import copy_into, full_tensor
 from lorafam.errors import LorafamError
 
@@ -46,7 +47,15 @@ class AdapterConfig(BaseModel):
     target_modules: list[str] | Literal["all-linear"] = Field(
         default_factory=lambda: ["q_proj", "v_proj"],
         description="Linear layers to adapt: names matched against the end of each module path, "
-        "or 'all-linear' for every linear layer except the output head.",
+        "or 'all-linear' for every linear layer except the output head, and on a mixture-of-experts model "
+        "every expert of its fused expert weights (see target_parameters); the router stays frozen.",
+    )
+    target_parameters: list[str] | None = Field(
+        None,
+        description="Fused 3-D expert weights to adapt with a low-rank update per expert (mixture-of-experts "
+        "models, e.g. ['experts.gate_up_proj', 'experts.down_proj']): names matched against the end of each "
+        "parameter path. null: follow target_modules (all-linear takes every fused expert weight, a list none); "
+        "[]: none. Only variants that support it (lora, lora_plus, lora_fa, dora); no adapter dropout on them.",
     )
     modules_to_save: list[str] = Field(
         default_factory=list,
@@ -203,12 +212,20 @@ class Variant:
     #: Attribute of the model root holding the one module shared by all layers (VeRA's
     #: projections, LoRA-drop's shared pairs), or None; see ``set_shared_module``.
     shared_attr: ClassVar[str | None] = None
+    #: True where the method has a per-expert form for fused 3-D expert weights (``make_expert_layer``).
+    supports_expert_parameters: ClassVar[bool] = False
+    #: Why not, when ``supports_expert_parameters`` is False: shown in the error.
+    expert_parameters_reason: ClassVar[str] = "lorafam implements its update for linear layers only"
 
     def __init__(self, config: AdapterConfig):
         self.config = config
         self.model: nn.Module | None = None
         self.layers: dict[str, AdapterLayer] = {}
+        #: Fused expert weights adapted, by the path of the layer holding each (PEFT's nesting: a
+        #: module's second parameter wraps its first, which then sits at ``<module>.base_layer``).
+        self.expert_layers: dict[str, ExpertLoRALayer] = {}
         self.saved_modules: dict[str, nn.Module] = {}
+        self._target_notes: list[str] = []
 
     # ----------------------------------------------------------------------------------------------
     # Building
@@ -217,6 +234,12 @@ class Variant:
         return self.config.alpha / self.config.r
 
     def make_layer(self, base_layer: nn.Linear, path: str) -> AdapterLayer:
+        raise NotImplementedError
+
+    def make_expert_layer(self, base: nn.Module, parameter_name: str, path: str) -> ExpertLoRALayer:
+        """The layer adapting fused parameter ``parameter_name`` of ``base`` (the model's expert module or
+        a layer already wrapping it); ``path`` is the parameter's path. Variants with
+        ``supports_expert_parameters`` implement it."""
         raise NotImplementedError
 
     def attach(self, model: nn.Module) -> None:
@@ -248,6 +271,7 @@ class Variant:
             layer.train(base_layer.training)
             setattr(parent, attr, layer)
             self.layers[path] = layer
+        self._apply_experts(model)
         self.attach(model)
         for name in list(self.config.modules_to_save) + list(head_modules):
             path = _find_module_path(model, name)
@@ -261,6 +285,71 @@ class Variant:
                 p.requires_grad_(True)
             self.saved_modules[path] = module
         return self
+
+    def _apply_experts(self, model: nn.Module) -> None:
+        """Wrap the fused expert weights the recipe targets; note the 3-D weights left frozen."""
+        cfg = self.config
+        targets = find_expert_targets(model, cfg.target_parameters, cfg.target_modules)
+        if targets and not self.supports_expert_parameters:
+            able = ", ".join(_expert_capable())
+            key = "adapter.target_parameters" if cfg.target_parameters else "adapter.target_modules: all-linear"
+            raise LorafamError(
+                f"{key}: {self.name} cannot adapt fused expert weights ({targets[0][0]}.{targets[0][1]} and "
+                f"{len(targets) - 1} more): {self.expert_parameters_reason}; set adapter.target_parameters: [] to "
+                f"leave them frozen, or pick a variant that adapts them: {able}"
+            )
+        wrapped: dict[str, int] = {}  # module path -> how many of its parameters are wrapped
+        for module_path, name in targets:
+            parent, attr = _parent_of(model, module_path)
+            base = getattr(parent, attr)
+            layer = self.make_expert_layer(base, name, f"{module_path}.{name}")
+            layer.train(base.training)
+            setattr(parent, attr, layer)
+            wrapped[module_path] = wrapped.get(module_path, 0) + 1
+        for module_path, count in wrapped.items():
+            layer = model.get_submodule(module_path)
+            for depth in range(count):  # outermost first, as PEFT names them
+                self.expert_layers[module_path + ".base_layer" * depth] = layer
+                layer = layer.base_layer
+        self._target_notes = self._coverage_notes(model)
+
+    def _coverage_notes(self, model: nn.Module) -> list[str]:
+        """Never silent about the large weights an adapter leaves alone, nor what it does on them."""
+        notes = []
+        frozen: dict[str, list[int]] = {}
+        adapted = {id(layer.base_weight()) for layer in self.expert_layers.values()}
+        for module_path, name, param in fused_parameters(model):
+            if id(param) in adapted:
+                continue
+            module_path = module_path.split(".base_layer")[0]  # as the recipe names it
+            frozen.setdefault(short_name(module_path, name), []).append(param.numel())
+        if frozen:
+            names = sorted(frozen)
+            count = sum(len(v) for v in frozen.values())
+            params = sum(sum(v) for v in frozen.values())
+            # The whole list to write: the ones adapted now, and these.
+            suggested = sorted(set(self.expert_parameter_names()) | set(names))
+            key = f"adapter.target_parameters: [{', '.join(suggested)}]"
+            how = (f"{key} would adapt them" if self.supports_expert_parameters
+                   else f"{self.name} cannot adapt them; {', '.join(_expert_capable())} can, with {key}")
+            notes.append(f"not adapted: {count} fused 3-D weight(s), {params:,} parameters ({', '.join(names)}); {how}")
+        if self.expert_layers and _has_quantized_layers(model):
+            weights = [layer.base_weight() for layer in self.expert_layers.values()]
+            notes.append(
+                f"the fused expert weights stay {str(weights[0].dtype).removeprefix('torch.')} on this quantized "
+                f"base ({sum(w.numel() for w in weights):,} parameters): bitsandbytes quantizes linear layers only"
+            )
+        if self.expert_layers and self.config.dropout > 0:
+            notes.append(
+                f"adapter.dropout {self.config.dropout:g} applies to the linear layers only: an update folded "
+                "into fused expert weights has no input of its own to drop"
+            )
+        return notes
+
+    def target_notes(self) -> list[str]:
+        """What the targets leave out or treat differently (3-D weights left frozen, no dropout on
+        experts), decided from the model; `train` and `inspect` print them with ``notes()``."""
+        return list(self._target_notes)
 
     # ----------------------------------------------------------------------------------------------
     # Before training: a variant that decides its structure from a preliminary run (LoRA-drop)
@@ -305,7 +394,7 @@ class Variant:
     def live_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor of the adapter keyed as PEFT keys them: the live tensors, not copies."""
         out: dict[str, torch.Tensor] = {}
-        for path, layer in self.layers.items():
+        for path, layer in self.adapted_layers():
             for name, tensor in layer.adapter_named_tensors().items():
                 out[f"{PEFT_PREFIX}{path}.{name}"] = tensor
         for path, module in self.saved_modules.items():
@@ -344,7 +433,7 @@ class Variant:
                     f"{tuple(own[key].shape)}"
                 )
         layer_keys: set[str] = set()
-        for path, layer in self.layers.items():
+        for path, layer in self.adapted_layers():
             keys = {name: f"{PEFT_PREFIX}{path}.{name}" for name in layer.adapter_named_tensors()}
             layer.load_adapter_tensors({name: state[key] for name, key in keys.items()})
             layer_keys.update(keys.values())
@@ -352,6 +441,11 @@ class Variant:
         for key, value in state.items():
             if key not in layer_keys:
                 copy_into(targets[key], value)
+
+    def adapted_layers(self) -> Iterator[tuple[str, AdapterLayer | ExpertLoRALayer]]:
+        """(path, layer) of every adapter layer: linear layers, then fused expert weights."""
+        yield from self.layers.items()
+        yield from self.expert_layers.items()
 
     @contextmanager
     def disabled(self) -> Iterator[nn.Module]:
@@ -369,10 +463,14 @@ class Variant:
                 parent, attr = _parent_of(self.model, path)
                 setattr(parent, attr, _BaseOnly(layer))
                 swapped.append((parent, attr, layer))
+            for expert_layer in self.expert_layers.values():
+                expert_layer.enabled = False  # forward on the original weights (PiSSA's added back)
             yield self.model
         finally:
             for parent, attr, layer in swapped:
                 setattr(parent, attr, layer)
+            for expert_layer in self.expert_layers.values():
+                expert_layer.enabled = True
 
     def merge(self) -> nn.Module:
         """Replace every adapter layer by a plain linear computing the same function."""
@@ -380,6 +478,15 @@ class Variant:
             parent, attr = _parent_of(self.model, path)
             setattr(parent, attr, layer.merged())
         self.layers = {}
+        with torch.no_grad():
+            adapted = {path: layer.adapted_weight() for path, layer in self.expert_layers.items()}
+            for path, layer in self.expert_layers.items():
+                layer.base_weight().copy_(adapted[path])  # W' exactly as the forward computed it
+            outermost = [path for path in self.expert_layers if not isinstance(_parent_of(self.model, path)[0], ExpertLoRALayer)]
+            for path in outermost:
+                parent, attr = _parent_of(self.model, path)
+                setattr(parent, attr, unwrap(self.expert_layers[path]))
+        self.expert_layers = {}
         if self.shared_module() is not None:
             # The merged model is a plain transformers model: no shared module left in it.
             delattr(self.model, self.shared_attr)
@@ -393,10 +500,20 @@ class Variant:
             "task_type": task_type,
             "base_model_name_or_path": base_model_name,
             "r": cfg.r,
-            "target_modules": sorted({p.rsplit(".", 1)[-1] for p in self.layers}),
+            # None (not []) where only parameters are adapted: PEFT then matches target_parameters alone.
+            "target_modules": sorted({p.rsplit(".", 1)[-1] for p in self.layers}) or None,
+            **({"target_parameters": self.expert_parameter_names()} if self.expert_layers else {}),
             "modules_to_save": list(self.saved_modules) or None,
             "inference_mode": True,
         }
+
+    def expert_parameter_names(self) -> list[str]:
+        """The adapted fused parameters as target_parameters names them ('experts.down_proj')."""
+        names = set()
+        for path, layer in self.expert_layers.items():
+            module_path = path.split(".base_layer")[0]
+            names.add(short_name(module_path, layer.parameter_name))
+        return sorted(names)
 
     # ----------------------------------------------------------------------------------------------
     # Reporting
@@ -442,6 +559,18 @@ def find_targets(model: nn.Module, targets: list[str] | str, exclude: list[str] 
             f"it has: {', '.join(suffixes[:12])}"
         )
     return found
+
+
+def _has_quantized_layers(model: nn.Module) -> bool:
+    from lorafam.quant import has_quantized_layers
+
+    return has_quantized_layers(model)
+
+
+def _expert_capable() -> list[str]:
+    from lorafam.adapters import VARIANTS
+
+    return [name for name, v in VARIANTS.items() if v.supports_expert_parameters]
 
 
 def _output_head_names(model: nn.Module) -> list[str]:

@@ -90,6 +90,8 @@ class DeltaLoRALayer(LoRALayer):
 class DeltaLoRA(LoRA):
     name = "delta_lora"
     Config = DeltaLoRAConfig
+    supports_expert_parameters = False
+    expert_parameters_reason = "its moving base weight is implemented for linear layers only"
     paper = "Zi et al., Delta-LoRA: Fine-Tuning High-Rank Parameters with the Delta of Low-Rank Matrices (arXiv:2309.02411)"
     peft_type = None  # PEFT has no Delta-LoRA
 

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from lorafam.adapters.experts import ExpertLoRALayer
 from lorafam.adapters.lora import LoRA, LoRAConfig, LoRALayer
 
 
@@ -136,6 +137,32 @@ class DoRALayer(LoRALayer):
         return out
 
 
+class ExpertDoRALayer(ExpertLoRALayer):
+    """DoRA on a fused expert weight: a magnitude per expert output row, W_e' = m_e * V_e / ||V_e||_c
+    with V_e = W_e + s B_e A_e, the norm detached as for linear layers. V is formed anyway on this
+    path (the update is folded into the weight), so the norm is V's own, batched over experts."""
+
+    def __init__(self, base: nn.Module, parameter_name: str, r: int, scaling: float):
+        super().__init__(base, parameter_name, r, scaling)
+        device = self.lora_A.weight.device
+        self.lora_magnitude_vector = nn.Parameter(torch.ones(self.num_experts, self.out_features, device=device))
+
+    def reset_magnitude(self) -> None:
+        # With B = 0, V = W and the scale m / ||V|| is 1 exactly.
+        with torch.no_grad():
+            self.lora_magnitude_vector.copy_(self.adapted_canonical_lora().norm(dim=-1))
+
+    def adapted_canonical_lora(self) -> torch.Tensor:
+        """V = W + s B A, (experts, out, in), fp32."""
+        return super().adapted_canonical()
+
+    def adapted_canonical(self) -> torch.Tensor:
+        V = self.adapted_canonical_lora()
+        with _autocast_off(V.device):
+            norm = V.detach().norm(dim=-1)
+        return (self.lora_magnitude_vector / norm).unsqueeze(-1) * V
+
+
 def _autocast_off(device: torch.device) -> AbstractContextManager:
     # The meta device (`lorafam inspect` builds models there) has no autocast to switch off.
     return torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type) else nullcontext()
@@ -157,6 +184,12 @@ class DoRA(LoRA):
         self.init_layer(layer)
         layer.reset_magnitude()
         return layer.train(base_layer.training)  # a new module starts in train mode: keep the model's
+
+    def make_expert_layer(self, base: nn.Module, parameter_name: str, path: str) -> ExpertDoRALayer:
+        layer = ExpertDoRALayer(base, parameter_name, self.config.r, self.scaling)
+        self.init_layer(layer)
+        layer.reset_magnitude()
+        return layer
 
     def peft_config(self, base_model_name: str, task_type: str) -> dict[str, Any]:
         return super().peft_config(base_model_name, task_type) | {"use_dora": True}

@@ -21,6 +21,7 @@ from pydantic import Field
 from torch import nn
 
 from lorafam.adapters.base import AdapterConfig, AdapterLayer, Variant, dropout_module, kaiming_uniform_
+from lorafam.adapters.experts import ExpertLoRALayer
 from lorafam.errors import LorafamError
 from lorafam.quant import dequantized_weight, set_weight
 
@@ -143,6 +144,7 @@ class LoRA(Variant):
     paper = "Hu et al., LoRA: Low-Rank Adaptation of Large Language Models (arXiv:2106.09685)"
     peft_type = "LORA"
     has_low_rank_factors = True
+    supports_expert_parameters = True
     #: The layer ``make_layer`` builds; a subclass that changes only which pair a layer uses
     #: (LoRA-drop) sets its own.
     layer_class: ClassVar[type[LoRALayer]] = LoRALayer
@@ -157,7 +159,13 @@ class LoRA(Variant):
         self.init_layer(layer)
         return layer
 
-    def init_layer(self, layer: LoRALayer) -> None:
+    def make_expert_layer(self, base: nn.Module, parameter_name: str, path: str) -> ExpertLoRALayer:
+        """A pair per expert of a fused weight, initialised as a linear layer's pair (PiSSA: per expert)."""
+        layer = ExpertLoRALayer(base, parameter_name, self.config.r, self.scaling)
+        self.init_layer(layer)
+        return layer
+
+    def init_layer(self, layer: LoRALayer | ExpertLoRALayer) -> None:
         if self.config.init == "pissa":
             layer.pissa_init()
         else:

@@ -142,6 +142,8 @@ class LoRADrop(LoRA):
     peft_type = None
     supports_sharding = False
     sharding_reason = "it replaces its adapter pairs after the probe run, once the model would already be sharded"
+    supports_expert_parameters = False
+    expert_parameters_reason = "its probe scores and shared pairs are defined per linear layer"
     draws_artifacts = True
     shared_attr = SHARED_ATTR
     layer_class = LoRADropLayer

@@ -24,6 +24,7 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
+from lorafam.adapters.experts import ExpertLoRALayer
 from lorafam.adapters.lora import LoRA, LoRAConfig, LoRALayer
 
 
@@ -44,4 +45,9 @@ class LoRAFA(LoRA):
     def make_layer(self, base_layer: nn.Linear, path: str) -> LoRALayer:
         layer = super().make_layer(base_layer, path)
         layer.lora_A.weight.requires_grad_(False)
+        return layer
+
+    def make_expert_layer(self, base: nn.Module, parameter_name: str, path: str) -> ExpertLoRALayer:
+        layer = super().make_expert_layer(base, parameter_name, path)
+        layer.lora_A.weight.requires_grad_(False)  # every expert's A, frozen as a linear layer's
         return layer

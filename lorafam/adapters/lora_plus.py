@@ -37,7 +37,7 @@ class LoRAPlus(LoRA):
         from transformers.trainer_pt_utils import get_parameter_names
 
         decay = {n for n in get_parameter_names(self.model, ALL_LAYERNORM_LAYERS) if "bias" not in n}
-        b_params = {id(layer.lora_B.weight) for layer in self.layers.values()}
+        b_params = {id(layer.lora_B.weight) for _, layer in self.adapted_layers()}  # fused experts' B too
         groups: dict[str, list[nn.Parameter]] = {"A": [], "B": [], "B_no_decay": []}
         for name, p in self.model.named_parameters():
             if not p.requires_grad:

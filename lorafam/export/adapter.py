@@ -113,6 +113,11 @@ def lora_pairs(model: nn.Module, variant: Any, architecture: Architecture) -> li
     Layers whose update is exactly zero (untrained B, an AdaLoRA matrix pruned to rank 0) are left
     out: llama.cpp then runs the base tensor alone, which is the same function.
     """
+    if getattr(variant, "expert_layers", None):
+        raise LorafamError(
+            "--format gguf-lora: the adapter changes fused expert weights, which this export does not write as "
+            "llama.cpp LoRA tensors; use --format gguf (the merged model)"
+        )
     config = model.config
     names = gguf.get_tensor_name_map(architecture.arch, config.num_hidden_layers)
     heads = config.num_attention_heads

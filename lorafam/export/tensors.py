@@ -12,6 +12,13 @@ runs it and how the weights must be laid out for it; everything else is the same
 * Biases: a Llama merge can carry biases the base model did not have (GLoRA adds W0 C + E to
   layers without one). llama.cpp's Llama reads optional q/k/v/o and MLP biases; its Qwen2 reads
   q/k/v biases only, so a Qwen2 bias elsewhere is refused instead of silently dropped.
+* Mixtral (mixture of experts) runs as llama.cpp's Llama with experts: the router is
+  ``ffn_gate_inp`` and the experts are 3-D tensors as transformers 5 stores them, except that the
+  fused ``gate_up_proj`` (experts x 2·inter x hidden, gate rows first) is written as llama.cpp's two
+  tensors ``ffn_gate_exps`` and ``ffn_up_exps``. Qwen3-MoE runs as llama.cpp's qwen3moe, with the
+  same expert tensors, its per-head q/k norms, and transformers' rotary layout (no permutation).
+  Both renormalize the chosen experts' weights, so a Qwen3-MoE config with ``norm_topk_prob: false``,
+  or with dense MLP layers among the sparse ones, is refused.
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture(gguf.MODEL_ARCH.LLAMA, True, ATTENTION + MLP, True),
     "mistral": Architecture(gguf.MODEL_ARCH.LLAMA, True, ATTENTION + MLP, True),
     "qwen2": Architecture(gguf.MODEL_ARCH.QWEN2, False, ("q_proj", "k_proj", "v_proj"), False),
+    "mixtral": Architecture(gguf.MODEL_ARCH.LLAMA, True, ATTENTION, True),
+    "qwen3_moe": Architecture(gguf.MODEL_ARCH.QWEN3MOE, False, (), False),
 }
 
 
@@ -101,6 +110,19 @@ def write_hyperparameters(writer: gguf.GGUFWriter, config: Any, architecture: Ar
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    if experts:  # Mixtral, Qwen3-MoE: llama.cpp routes to experts when these are set
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+    if architecture.arch == gguf.MODEL_ARCH.QWEN3MOE:
+        if not config.norm_topk_prob:
+            raise LorafamError(
+                "GGUF export: llama.cpp's qwen3moe renormalizes the chosen experts' weights; this config has "
+                "norm_topk_prob: false, which it cannot run"
+            )
+        if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1:
+            raise LorafamError("GGUF export: llama.cpp's qwen3moe has experts in every layer; this config mixes in dense MLP layers")
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
     writer.add_head_count(heads)
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
@@ -172,7 +194,7 @@ class TensorPlan:
 def gguf_tensors(model: torch.nn.Module, architecture: Architecture, quant: str) -> Iterator[tuple[TensorPlan, np.ndarray]]:
     """(plan, data) for every tensor of the GGUF file, data already in its GGUF type."""
     config = model.config
-    state = model.state_dict()
+    state = dict(_split_fused_gate_up(model.state_dict()))
     names = gguf.get_tensor_name_map(architecture.arch, config.num_hidden_layers)
     tied = _tied(model)
     heads = config.num_attention_heads
@@ -189,6 +211,8 @@ def gguf_tensors(model: torch.nn.Module, architecture: Architecture, quant: str)
         if tied and hf_name == "lm_head.weight":
             continue
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if not gguf_name.endswith((".weight", ".bias")):
+            gguf_name += ".weight"  # a bare parameter (fused experts): llama.cpp names it a weight
         if hf_name.endswith(".bias"):
             layer = hf_name.rsplit(".", 2)[-2]
             if layer not in architecture.biases:
@@ -210,16 +234,29 @@ def gguf_tensors(model: torch.nn.Module, architecture: Architecture, quant: str)
         yield TensorPlan("(rope_parameters)", name, gguf.GGMLQuantizationType.F32), llama3_rope_factors(config)
 
 
+def _split_fused_gate_up(state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The state with each fused ``experts.gate_up_proj`` as ``experts.gate_proj`` and ``experts.up_proj``
+    (the first and second half of its rows, as the experts' forward chunks it), in place."""
+    for name, tensor in state.items():
+        if name.endswith("experts.gate_up_proj") and tensor.ndim == 3:
+            gate, up = tensor.chunk(2, dim=1)
+            yield name.removesuffix("gate_up_proj") + "gate_proj", gate
+            yield name.removesuffix("gate_up_proj") + "up_proj", up
+        else:
+            yield name, tensor
+
+
 def _tied(model: torch.nn.Module) -> bool:
     output = model.get_output_embeddings()
     return output is not None and output.weight is model.get_input_embeddings().weight
 
 
 def _tensor_type(gguf_name: str, data: np.ndarray, quant: str) -> gguf.GGMLQuantizationType:
-    """llama.cpp's converter's rule: vectors and norms stay F32; matrices take ``quant``, except that
+    """llama.cpp's converter's rule: vectors, norms and MoE routers stay F32; matrices take ``quant``, except that
     below 8 bits the embedding/output stays Q8_0 and a matrix whose rows do not split into
     quantization blocks falls back to F16."""
-    if data.ndim <= 1 or gguf_name.endswith("_norm.weight"):
+    if data.ndim <= 1 or gguf_name.endswith(("_norm.weight", ".ffn_gate_inp.weight")):
+        # The router too (as llama.cpp's converter keeps it): a rounded router could pick other experts.
         return gguf.GGMLQuantizationType.F32
     wanted = QUANT_TYPES[quant]
     if quant.startswith(("q4", "q5")) and gguf_name.split(".")[0] in ("token_embd", "output"):
