@@ -95,6 +95,9 @@ def build(recipe: Recipe, previous: RunInfo | None, processes: int) -> Built:
     random.seed(recipe.train.seed)
     model = load_model(model_config, data.label_names)
     variant = adapt(model, recipe, head_modules(model, recipe.model.task))
+    # What the task needs from the model the run starts from (a preference objective's reference
+    # log-probs), taken now: before the variant's prepare pass or any step changes the model.
+    data = recipe.task.add_reference(data, variant.disabled, tokenizer, recipe.train.eval_batch_size or recipe.train.batch_size)
     return Built(recipe, model_config, tokenizer, data, model, variant, precision, layout_of(recipe, processes))
 
 
