@@ -18,10 +18,11 @@ answer under the policy, ``ref`` under the reference, and ``len`` its number of 
   (logp_r - ref_r); e = ``label_smoothing`` (conservative DPO; 0 is the paper's loss).
 * ``ipo`` (Azar et al. 2023) as TRL computes it: (D' - 1/(2 tau))^2 with D' the log-ratios
   divided by each answer's length (TRL: normalised with the IPO authors' agreement).
-* ``orpo`` (Hong et al. 2024), reference-free: -avg_c - lambda logsig(log-odds(avg_c) - log-odds(avg_r)).
-  Its SFT term is each pair's mean token NLL of the chosen answer, so the step is normalised over
-  pairs like every other objective (TRL averages the NLL over the batch's chosen tokens instead;
-  the two agree when the chosen answers have equal lengths).
+* ``orpo`` (Hong et al. 2024), reference-free: nll_c - lambda logsig(log-odds(avg_c) - log-odds(avg_r)),
+  log-odds(p) = log p - log(1 - p). The SFT term nll_c covers the whole chosen sequence (prompt and
+  answer), as the authors' code and TRL compute it, but as each pair's mean over its tokens, so the
+  step is normalised over pairs like every other objective (TRL averages over the batch's chosen
+  tokens; the two agree when the chosen rows have equal lengths).
 * ``simpo`` (Meng et al. 2024), reference-free: -logsig(b (avg_c - avg_r) - gamma).
 """
 
@@ -162,8 +163,8 @@ def _with_reference(rows: Any, reference: nn.Module, collate: Callable, batch_si
     try:
         for start in range(0, len(rows), batch_size):
             batch = collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
-            sums, _ = logp(batch["labels"].to(device), input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device))
+            sums, _, _ = logp(batch["labels"].to(device), input_ids=batch["input_ids"].to(device),
+                              attention_mask=batch["attention_mask"].to(device))
             half = sums.shape[0] // 2
             chosen += sums[:half].double().tolist()
             rejected += sums[half:].double().tolist()
@@ -175,27 +176,31 @@ def _with_reference(rows: Any, reference: nn.Module, collate: Callable, batch_si
 class AnswerLogProbs:
     """Per row: the summed log-probability of its labelled tokens (fp32) and their number.
 
-    Like CausalLMLoss, only the labelled positions reach the output head, a chunk at a time
-    (checkpointed under gradients), so no (tokens x vocabulary) tensor exists for the prompts."""
+    Like CausalLMLoss, only the scored positions reach the output head, a chunk at a time
+    (checkpointed under gradients), so no (tokens x vocabulary) tensor exists for the prompts.
+    ``also`` marks further next-token positions to score (ORPO's SFT term covers the whole chosen
+    sequence); their log-probs come back as a third value, per row."""
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.split_head = _head_splits_off(model)
 
-    def __call__(self, labels: torch.Tensor, **inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, labels: torch.Tensor, also: torch.Tensor | None = None,
+                 **inputs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         inputs["use_cache"] = False
-        keep = labels[:, 1:] != IGNORE_INDEX
-        targets = labels[:, 1:][keep]
+        answer = labels[:, 1:] != IGNORE_INDEX
+        scored = answer if also is None else answer | also
+        targets = inputs["input_ids"][:, 1:][scored]  # labels are the ids where they are set
         if self.split_head:
             body = getattr(self.model, self.model.base_model_prefix)
-            selected = body(**inputs)[0][:, :-1][keep]
+            selected = body(**inputs)[0][:, :-1][scored]
             token_logps = _chunked_token_logps(selected, targets, self.model.get_output_embeddings())
         else:
-            selected = self.model(**inputs).logits[:, :-1][keep].float()
+            selected = self.model(**inputs).logits[:, :-1][scored].float()
             token_logps = -F.cross_entropy(selected, targets, reduction="none")
-        rows = keep.nonzero()[:, 0]
-        sums = token_logps.new_zeros(labels.shape[0]).index_add(0, rows, token_logps)
-        return sums, keep.sum(dim=1)
+        per_position = token_logps.new_zeros(scored.shape).masked_scatter(scored, token_logps)
+        sums = (per_position * answer).sum(dim=1)
+        return sums, answer.sum(dim=1), None if also is None else (per_position * also).sum(dim=1)
 
 
 def _chunked_token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
@@ -218,10 +223,11 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
-def pair_losses(config: PreferenceConfig, logp: torch.Tensor, lengths: torch.Tensor,
-                ref: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pair_losses(config: PreferenceConfig, logp: torch.Tensor, lengths: torch.Tensor, ref: torch.Tensor | None,
+                chosen_nll: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses and the chosen and rejected rewards, from the policy's summed log-probs of
-    the chosen rows then the rejected rows (``logp``), their answer lengths and the reference's."""
+    the chosen rows then the rejected rows (``logp``), their answer lengths, the reference's
+    log-probs (DPO, IPO) and each chosen row's mean token NLL (ORPO's SFT term)."""
     beta = config.resolved_beta
     half = logp.shape[0] // 2
     lengths = lengths.to(logp.dtype).clamp_min(1.0)
@@ -241,7 +247,7 @@ def pair_losses(config: PreferenceConfig, logp: torch.Tensor, lengths: torch.Ten
     chosen, rejected = average[:half], average[half:]
     if config.objective == "orpo":
         log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
-        losses = -chosen - beta * F.logsigmoid(log_odds)
+        losses = chosen_nll - beta * F.logsigmoid(log_odds)
     else:  # simpo
         losses = -F.logsigmoid(beta * (chosen - rejected) - config.gamma)
     return losses, beta * chosen.detach(), beta * rejected.detach()
@@ -257,9 +263,17 @@ class PreferenceLoss(TaskLossModule):
         self.logps = AnswerLogProbs(model)
 
     def forward(self, labels: torch.Tensor, ref_logps: torch.Tensor | None = None, **inputs: Any) -> LossOutput:
-        logp, lengths = self.logps(labels, **inputs)
-        losses, chosen, rejected = pair_losses(self.config, logp, lengths, ref_logps)
-        half = logp.shape[0] // 2
+        half = labels.shape[0] // 2
+        sequence = None
+        if self.config.objective == "orpo":
+            # ORPO's SFT term: the NLL of the whole chosen sequence (prompt and answer), as the ORPO
+            # authors' code and TRL compute it; per pair, its mean over the row's tokens.
+            mask = inputs.get("attention_mask", torch.ones_like(labels))[:, 1:].bool()
+            sequence = mask.clone()
+            sequence[half:] = False
+        logp, lengths, sequence_logp = self.logps(labels, also=sequence, **inputs)
+        chosen_nll = None if sequence is None else -sequence_logp[:half] / sequence[:half].sum(dim=1).clamp_min(1)
+        losses, chosen, rejected = pair_losses(self.config, logp, lengths, ref_logps, chosen_nll)
         average = (logp / lengths.clamp_min(1)).detach()
         return LossOutput(
             loss_sum=losses.sum(), count=torch.tensor(half, device=logp.device),
