@@ -412,7 +412,7 @@ class Session:
         for idx in indices:
             rows = [self.data.train[i] for i in idx]
             tokens = -1 if placeholder else sum(len(r["input_ids"]) for r in rows)
-            keys = [mix(self.dropout_seed, step, i) for i in idx]
+            keys = self.task.row_keys([mix(self.dropout_seed, step, i) for i in idx])
             out.append(({k: v.to(device) for k, v in self.collate(rows).items()}, tokens, keys))
         return out
 

@@ -121,6 +121,11 @@ class Task:
         """The eval's sums (keyed by ``eval_sums``) -> metrics. Default: ``metrics``."""
         return self.metrics(sums["loss_sum"], int(sums["count"]), int(sums["correct"]))
 
+    def row_keys(self, example_keys: list[int]) -> list[int]:
+        """The adapter-dropout key of each row of a collated batch, from its examples' keys
+        (lorafam.adapters.dropout): one row per example by default."""
+        return example_keys
+
     def for_recipe(self, recipe: Any) -> "Task":
         """This task as the recipe configures it (a preference objective); default: itself."""
         return self

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lorafam.adapters.dropout import mix
 from lorafam.tasks.base import IGNORE_INDEX, LossOutput, Task, TaskLossModule
 from lorafam.tasks.causal_lm import CHUNK_ELEMENTS, CausalLM, _head_splits_off
 
@@ -97,6 +98,11 @@ class Preference(CausalLM):
 
     def label_count(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["input_ids"].shape[0]) // 2  # chosen rows, then as many rejected ones
+
+    def row_keys(self, example_keys: list[int]) -> list[int]:
+        # A batch has each pair's chosen row, then its rejected row: each gets a dropout mask of its
+        # own, keyed by the pair, so the masks follow the pair through any batch layout.
+        return list(example_keys) + [mix(key, "rejected") for key in example_keys]
 
     def row_features(self) -> Any:
         features = super().row_features()
