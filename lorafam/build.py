@@ -8,6 +8,7 @@ the batch layout. ``Built.announce`` prints what a user sees before the first st
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +77,7 @@ class Built:
             precision=self.precision.as_dict(),
             compute_dtype=compute_dtype(cfg) if cfg.quantization in FOUR_BIT else None,
             status="training",
+            **({"start_from": str(Path(cfg.start_from).resolve())} if cfg.start_from is not None else {}),
         )
 
 

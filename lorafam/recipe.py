@@ -56,6 +56,21 @@ class ModelConfig(Section):
         "QLoRA paper's) where the hardware runs bf16 natively, else float32 (emulated bf16 is many times slower).",
     )
 
+    start_from: str | None = Field(
+        None,
+        description="A finished run folder whose model (adapter merged in) is this run's base, e.g. an SFT run "
+        "before DPO; model.name must be the base that run trained on. null: model.name as it is.",
+    )
+
+    @model_validator(mode="after")
+    def _start_from_keys(self) -> "ModelConfig":
+        if self.start_from is not None and self.quantization is not None:
+            raise ValueError(
+                "model.start_from with model.quantization is not supported: the merged start model is built in "
+                "memory, unquantized; set model.quantization: null"
+            )
+        return self
+
     @model_validator(mode="after")
     def _quantization_keys(self) -> "ModelConfig":
         if self.double_quant and self.quantization not in ("nf4", "fp4"):
