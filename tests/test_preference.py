@@ -170,6 +170,32 @@ def test_reference_log_probs_are_the_starting_models(variant, tmp_path, pref_ass
     assert built.data.eval is not None and "ref_chosen_logp" in built.data.eval.column_names
 
 
+@pytest.mark.parametrize("variant", ["delta_lora", "lora_drop", "glora", "adalora"])
+def test_every_pass_trains_against_the_starting_models_log_probs(variant, tmp_path, pref_assets, monkeypatch):
+    """LoRA-drop's probe pass and the main pass (after Delta-LoRA's W starts moving at step 3, GLoRA's
+    and AdaLoRA's structure changes) all score against the model the run started from."""
+    import lorafam.trainer as trainer
+
+    seen: dict[str, tuple[list[float], list[float]]] = {}
+    seen_rows: dict = {}
+    original = trainer.train
+
+    def recording(recipe, model, variant_, tokenizer, data, *args, **kwargs):
+        phase = kwargs.get("phase", "main")
+        seen[phase] = (list(data.train["ref_chosen_logp"]), list(data.train["ref_rejected_logp"]))
+        seen_rows[phase] = data.train
+        return original(recipe, model, variant_, tokenizer, data, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train", recording)
+    path = pref_recipe(tmp_path, pref_assets, variant)
+    api.train(path)
+    assert "main" in seen and (variant != "lora_drop" or len(seen) == 2)
+    for phase, (chosen, rejected) in seen.items():
+        expected_chosen, expected_rejected = plain_base_log_probs(path, seen_rows[phase])
+        assert chosen == pytest.approx(expected_chosen, rel=1e-5, abs=1e-5), phase
+        assert rejected == pytest.approx(expected_rejected, rel=1e-5, abs=1e-5), phase
+
+
 # --------------------------------------------------------------------------------------------------
 # Every variant (and a 4-bit base) trains, and eval of the run agrees with the run's own
 
