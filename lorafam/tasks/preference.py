@@ -138,12 +138,6 @@ class Preference(CausalLM):
 
         return collate
 
-    def probe_logits(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return logits[batch["attention_mask"].bool()]
-
-    def search_fitness(self, metrics: dict[str, float]) -> float:
-        return -metrics["loss"]
-
     @torch.no_grad()
     def add_reference(self, data: Any, reference: Callable[[], Any], tokenizer: Any, batch_size: int) -> Any:
         """``data`` (PreparedData) with each row's reference log-probs as columns, computed once by
