@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 class PreferenceText(Format):
     name = "preference"
     columns = ("prompt", "chosen", "rejected")
-    priority = 5  # before prompt-completion and text: these columns are a pair
+    priority = 32  # before preference-chat, whose columns are a subset of these
     task = "preference"
     unpackable = "a row is a pair of answers compared with each other"
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 class PreferenceChat(Chat):
     name = "preference-chat"
     columns = ("chosen", "rejected")
-    priority = 6  # after preference (prompt + chosen + rejected as text)
+    priority = 34  # after preference (prompt + chosen + rejected as text)
     task = "preference"
     unpackable = "a row is a pair of answers compared with each other"
 
