@@ -284,3 +284,21 @@ def test_sigterm_then_resume_is_bitwise_the_uninterrupted_run(variant, tmp_path,
         assert torch.equal(got[key], expected[key]), key
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "step_seconds")} for r in rows]  # noqa: E731
     assert strip(read_metrics(tmp_path / "cut")) == strip(read_metrics(whole.run_dir))
+
+
+def test_two_processes_train_the_same_adapter_as_one(tmp_path, pref_assets):
+    """DDP over 2 gloo processes, batch 4 each, against one process with batch 8: every process
+    computes the same reference columns, and the step is normalised over all the step's pairs."""
+    from test_distributed import launch
+
+    settings = {"optimizer": "sgd", "lr": 0.5, "mixed_precision": "no", "max_steps": 6}
+    one = api.train(pref_recipe(tmp_path, pref_assets, name="one", train=settings | {"batch_size": 8}))
+    result = launch("-m", "lorafam", "train", pref_recipe(tmp_path, pref_assets, name="two", train=settings | {"batch_size": 4}))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    two = tmp_path / "two"
+    info = json.loads((two / "run.json").read_text())
+    assert info["processes"] == 2 and info["global_batch"] == 8  # two processes really ran
+    assert relative_difference(load_file(one.run_dir / ADAPTER_WEIGHTS), load_file(two / ADAPTER_WEIGHTS)) < 1e-5
+    step_losses = lambda run: [r["loss"] for r in read_metrics(run) if "loss" in r]  # noqa: E731
+    assert step_losses(two) == pytest.approx(step_losses(one.run_dir), rel=1e-6)
+    assert info["eval_after"] == pytest.approx(one.info.eval_after, rel=1e-5, abs=1e-6)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lorafam.adapters.dropout import mix
-from lorafam.tasks.base import IGNORE_INDEX, LossOutput, Task, TaskLossModule
+from lorafam.tasks.base import IGNORE_INDEX, LossOutput, TaskLossModule
 from lorafam.tasks.causal_lm import CHUNK_ELEMENTS, CausalLM, _head_splits_off
 
 Objective = Literal["dpo", "ipo", "orpo", "simpo"]
