@@ -121,6 +121,10 @@ class Task:
         """The eval's sums (keyed by ``eval_sums``) -> metrics. Default: ``metrics``."""
         return self.metrics(sums["loss_sum"], int(sums["count"]), int(sums["correct"]))
 
+    def row_tokens(self, row: dict[str, Any]) -> int:
+        """The input tokens of one prepared row (tokens/s): its ``input_ids``."""
+        return len(row["input_ids"])
+
     def row_keys(self, example_keys: list[int]) -> list[int]:
         """The adapter-dropout key of each row of a collated batch, from its examples' keys
         (lorafam.adapters.dropout): one row per example by default."""

@@ -99,6 +99,9 @@ class Preference(CausalLM):
     def label_count(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["input_ids"].shape[0]) // 2  # chosen rows, then as many rejected ones
 
+    def row_tokens(self, row: dict[str, Any]) -> int:
+        return len(row["input_ids"]) + len(row["rejected_input_ids"])  # both sides go through the model
+
     def row_keys(self, example_keys: list[int]) -> list[int]:
         # A batch has each pair's chosen row, then its rejected row: each gets a dropout mask of its
         # own, keyed by the pair, so the masks follow the pair through any batch layout.
