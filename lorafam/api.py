@@ -246,6 +246,7 @@ def evaluate(target: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     from accelerate import Accelerator
 
     from lorafam.data import prepare_data
+    from lorafam.evaluate import eval_rows_with_reference
     from lorafam.evaluate import evaluate as run_eval
     from lorafam.hardware import choose_precision, use_cpu
     from lorafam.merge import load_adapted
@@ -259,11 +260,12 @@ def evaluate(target: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         spec, label_names = run.recipe, run.label_names
         if overrides:
             raise LorafamError("eval RUN_DIR takes no --set: the run's recipe is fixed; eval a recipe instead")
-        model, _ = load_adapted(run)
+        model, variant = load_adapted(run)
+        reference = variant.disabled  # the model the run started from: its base, the adapter off
         what = f"adapter in {target}"
     else:
         spec, label_names = load_recipe(target, list(overrides)), None
-        model = None
+        model, reference = None, None
         what = f"base model {spec.model.name}"
     tokenizer = load_tokenizer(spec.model)
     data = prepare_data(spec.data, tokenizer, spec.model.task, spec.train.seed, label_names)
@@ -271,11 +273,13 @@ def evaluate(target: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         raise LorafamError("the recipe has no eval data: set data.eval or data.eval_split")
     if model is None:
         model = load_model(spec.model, data.label_names)
+        reference = lambda: nullcontext(model)  # noqa: E731  (the base scored as it is)
+    task = spec.task
+    data = eval_rows_with_reference(task, data, reference, tokenizer, spec.train.eval_batch_size or spec.train.batch_size)
     precision = choose_precision(spec.train.mixed_precision)
     accelerator = Accelerator(mixed_precision=precision.mixed_precision, cpu=use_cpu())
     if next(model.parameters()).device != accelerator.device:  # (4-bit models refuse .to)
         model = model.to(accelerator.device)
-    task = spec.task
     in_train_precision = spec.train.eval_precision == "train"
     metrics = run_eval(
         task.loss_module(model), task, data.eval, task.collator(tokenizer),

@@ -8,6 +8,7 @@ the batch layout. ``Built.announce`` prints what a user sees before the first st
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,7 @@ class Built:
             precision=self.precision.as_dict(),
             compute_dtype=compute_dtype(cfg) if cfg.quantization in FOUR_BIT else None,
             status="training",
+            **({"start_from": str(Path(cfg.start_from).resolve())} if cfg.start_from is not None else {}),
         )
 
 
@@ -96,6 +98,9 @@ def build(recipe: Recipe, previous: RunInfo | None, processes: int) -> Built:
     random.seed(recipe.train.seed)
     model = load_model(model_config, data.label_names)
     variant = adapt(model, recipe, head_modules(model, recipe.model.task))
+    # What the task needs from the model the run starts from (a preference objective's reference
+    # log-probs), taken now: before the variant's prepare pass or any step changes the model.
+    data = recipe.task.add_reference(data, variant.disabled, tokenizer, recipe.train.eval_batch_size or recipe.train.batch_size)
     return Built(recipe, model_config, tokenizer, data, model, variant, precision, layout_of(recipe, processes))
 
 

@@ -125,7 +125,7 @@ def merge_check(run_dir: Path) -> dict[str, Any]:
     import torch
 
     from lorafam.data import prepare_data
-    from lorafam.evaluate import evaluate
+    from lorafam.evaluate import eval_rows_with_reference, evaluate
     from lorafam.merge import load_adapted
     from lorafam.modeling import load_tokenizer
     from lorafam.run import open_run
@@ -139,6 +139,7 @@ def merge_check(run_dir: Path) -> dict[str, Any]:
     model, variant = load_adapted(run)
     collate = task.collator(tokenizer)
     batch_size = spec.train.eval_batch_size or spec.train.batch_size
+    data = eval_rows_with_reference(task, data, variant.disabled, tokenizer, batch_size)
 
     def score(m: torch.nn.Module) -> dict[str, float]:
         return evaluate(task.loss_module(m), task, data.eval, collate, batch_size, spec.train.eval_max_batches)

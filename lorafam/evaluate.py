@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -69,7 +70,8 @@ def evaluate(
     starts = list(range(0, n_batches * batch_size, batch_size))
     mine = starts[process_index::num_processes]
     rounds = math.ceil(len(starts) / num_processes)
-    sums = torch.zeros(3, dtype=torch.float64)  # loss sum, label units, correct
+    names = task.eval_sums  # loss sum, label units, correct, and whatever else the task adds up
+    sums = torch.zeros(len(names), dtype=torch.float64)
     try:
         for i in range(rounds):
             counted = i < len(mine)
@@ -78,16 +80,18 @@ def evaluate(
             with autocast():
                 out = loss_model(**{k: v.to(device) for k, v in batch.items()})
             if counted:
-                correct = out.get("correct")
-                sums += torch.tensor(
-                    [float(out["loss_sum"]), float(out["count"]), 0.0 if correct is None else float(correct)],
-                    dtype=torch.float64,
-                )
+                sums += torch.tensor([0.0 if out.get(name) is None else float(out[name]) for name in names], dtype=torch.float64)
     finally:
         loss_model.train(was_training)
         restore_forwards()
     all_reduce_sum(sums)
-    return task.metrics(float(sums[0]), int(sums[1]), int(sums[2]))
+    return task.metrics_from_sums({name: float(value) for name, value in zip(names, sums)})
+
+
+def eval_rows_with_reference(task: Task, data: Any, reference: Callable[[], Any], tokenizer: Any, batch_size: int) -> Any:
+    """``data`` for an eval of a finished run: its eval rows with what the task needs from the model
+    the run started from (``Task.add_reference``); the train rows, not scored, are left out."""
+    return task.add_reference(dataclasses.replace(data, train=data.train.select([])), reference, tokenizer, batch_size)
 
 
 @torch.no_grad()

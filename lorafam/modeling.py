@@ -286,6 +286,10 @@ def load_model(cfg: ModelConfig, label_names: list[str] | None = None) -> PreTra
     checkpoint has none (or one of another size). With ``cfg.quantization`` the linear layers are
     bitsandbytes 4-/8-bit and the model is prepared for adapter training (see lorafam.quant).
     """
+    if cfg.start_from is not None:  # another run's result is the base (lorafam.start)
+        from lorafam.start import start_model
+
+        return start_model(cfg, label_names)
     path = resolve_model_path(cfg.name)
     config = _config_for(cfg, path, label_names)
     kwargs: dict = {

@@ -1,6 +1,7 @@
 """Typed, strict YAML recipes.
 
-A recipe has five sections: ``model``, ``adapter``, ``data``, ``train`` and ``output_dir``. Unknown
+A recipe has five sections: ``model``, ``adapter``, ``data``, ``train`` and ``output_dir`` (and
+``preference`` for model.task preference). Unknown
 keys and wrong types fail at load with the key's path and what was expected. The ``adapter``
 section's schema is the chosen variant's ``Config`` (see ``lorafam.adapters``), so a VeRA key on a
 LoRA recipe is an unknown key.
@@ -18,6 +19,7 @@ from lorafam.adapters import VARIANTS
 from lorafam.data.formats import FORMATS, packing_refusal
 from lorafam.errors import LorafamError
 from lorafam.tasks import TASKS, Task
+from lorafam.tasks.preference import PreferenceConfig
 from lorafam.tracking import TRACKERS
 
 
@@ -53,6 +55,21 @@ class ModelConfig(Section):
         description="nf4/fp4: dtype the 4-bit weights are dequantized to for each matmul. auto: bfloat16 (the "
         "QLoRA paper's) where the hardware runs bf16 natively, else float32 (emulated bf16 is many times slower).",
     )
+
+    start_from: str | None = Field(
+        None,
+        description="A finished run folder whose model (adapter merged in) is this run's base, e.g. an SFT run "
+        "before DPO; model.name must be the base that run trained on. null: model.name as it is.",
+    )
+
+    @model_validator(mode="after")
+    def _start_from_keys(self) -> "ModelConfig":
+        if self.start_from is not None and self.quantization is not None:
+            raise ValueError(
+                "model.start_from with model.quantization is not supported: the merged start model is built in "
+                "memory, unquantized; set model.quantization: null"
+            )
+        return self
 
     @model_validator(mode="after")
     def _quantization_keys(self) -> "ModelConfig":
@@ -164,6 +181,9 @@ class Recipe(Section):
     adapter: _adapter_union()  # type: ignore[valid-type]
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
+    preference: PreferenceConfig | None = Field(
+        None, description="model.task preference only: the objective and its constants (null: DPO, beta 0.1)."
+    )
     output_dir: str = Field(description="Run folder for the adapter, checkpoints and metrics.")
 
     @model_validator(mode="after")
@@ -171,6 +191,8 @@ class Recipe(Section):
         self.adapter.check_recipe(self)
         if self.data.packing and (refusal := packing_refusal(self.data.format, self.model.task)):
             raise ValueError(refusal)
+        if self.preference is not None and self.model.task != "preference":
+            raise ValueError(f"preference: applies to model.task preference only (this recipe trains {self.model.task})")
         variant = VARIANTS[self.adapter.variant]
         if self.adapter.target_parameters and not variant.supports_expert_parameters:
             able = ", ".join(name for name, v in VARIANTS.items() if v.supports_expert_parameters)
@@ -192,7 +214,7 @@ class Recipe(Section):
     @property
     def task(self) -> Task:
         """The task object ``model.task`` names (lorafam.tasks): what a batch holds, its loss and metrics."""
-        return TASKS[self.model.task]
+        return TASKS[self.model.task].for_recipe(self)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -287,6 +309,7 @@ def _allowed_keys(loc: list[str], error: ValidationError) -> list[str]:
         "model": ModelConfig,
         "data": DataConfig,
         "train": TrainConfig,
+        "preference": PreferenceConfig,
     }
     if not loc:
         return list(Recipe.model_fields)

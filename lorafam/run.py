@@ -81,6 +81,7 @@ class RunInfo(BaseModel):
     report: list[Any] = []  # the variant's closing report (Variant.report)
     skipped_steps: int = 0
     peak_memory: dict[str, int] = {}
+    start_from: str | None = None  # model.start_from, resolved: the run folder this run's base came from
 
     def as_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_unset=True)

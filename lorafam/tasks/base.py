@@ -113,6 +113,33 @@ class Task:
             return {"loss": float("nan")}
         return {"loss": loss_sum / count, self.count_name: count}
 
+    #: The ``LossOutput`` entries an eval adds up over its batches (and processes); a missing one
+    #: counts 0. ``metrics_from_sums`` turns them into the metrics.
+    eval_sums: ClassVar[tuple[str, ...]] = ("loss_sum", "count", "correct")
+
+    def metrics_from_sums(self, sums: dict[str, float]) -> dict[str, float]:
+        """The eval's sums (keyed by ``eval_sums``) -> metrics. Default: ``metrics``."""
+        return self.metrics(sums["loss_sum"], int(sums["count"]), int(sums["correct"]))
+
+    def row_tokens(self, row: dict[str, Any]) -> int:
+        """The input tokens of one prepared row (tokens/s): its ``input_ids``."""
+        return len(row["input_ids"])
+
+    def row_keys(self, example_keys: list[int]) -> list[int]:
+        """The adapter-dropout key of each row of a collated batch, from its examples' keys
+        (lorafam.adapters.dropout): one row per example by default."""
+        return example_keys
+
+    def for_recipe(self, recipe: Any) -> "Task":
+        """This task as the recipe configures it (a preference objective); default: itself."""
+        return self
+
+    def add_reference(self, data: Any, reference: Callable[[], Any], tokenizer: Any, batch_size: int) -> Any:
+        """``data`` (lorafam.data.PreparedData) with what the task needs from the model a run starts
+        from, before any training; ``reference()`` is a context manager giving that model (the
+        adapter off: ``Variant.disabled``). Default: ``data`` unchanged, ``reference`` not entered."""
+        return data
+
     def row_features(self) -> Any:
         """The columns of a prepared row (``datasets.Features``), which every format's encoder of this
         task produces: token ids, the attention mask, and the labels (per token, or one per row)."""

@@ -12,6 +12,8 @@ from lorafam.data.formats.chat import Chat
 from lorafam.data.formats.text import Text
 from lorafam.data.formats.prompt_completion import PromptCompletion
 from lorafam.data.formats.classification import Classification
+from lorafam.data.formats.preference import PreferenceText
+from lorafam.data.formats.preference_chat import PreferenceChat
 from lorafam.errors import LorafamError
 
 # In the order the recipe reference lists them; auto-detection goes by each format's priority.
@@ -23,6 +25,8 @@ FORMATS: dict[str, type[Format]] = {
         Text,
         PromptCompletion,
         Classification,
+        PreferenceText,
+        PreferenceChat,
     ]
 }
 
