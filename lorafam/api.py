@@ -98,7 +98,7 @@ def train(
         return RunResult(folder.path, folder.previous, already_complete=True)
     if resume and folder.checkpoint is None:
         console.print(f"no complete checkpoint in {folder.path / CHECKPOINTS}; starting from step 0", soft_wrap=True)
-    built = build(spec, folder.previous, state.num_processes)
+    built = build(spec, folder.previous, state.num_processes, say=lambda line: console.print(line, soft_wrap=True))
     built.announce(console, state.device.type)
     info = built.run_info()
     folder.start(spec, built.tokenizer, info, overwrite)  # everything is validated: only now is the disk touched

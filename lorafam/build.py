@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,7 +83,7 @@ class Built:
         )
 
 
-def build(recipe: Recipe, previous: RunInfo | None, processes: int) -> Built:
+def build(recipe: Recipe, previous: RunInfo | None, processes: int, say: Callable[[str], None] = lambda line: None) -> Built:
     """Load and adapt what ``recipe`` names for a run on ``processes`` processes; ``previous`` is
     run.json of the run being resumed (a 4-bit base dequantizes as it did before the interruption,
     on whichever machine it resumes)."""
@@ -100,7 +101,7 @@ def build(recipe: Recipe, previous: RunInfo | None, processes: int) -> Built:
     variant = adapt(model, recipe, head_modules(model, recipe.model.task))
     # What the task needs from the model the run starts from (a preference objective's reference
     # log-probs), taken now: before the variant's prepare pass or any step changes the model.
-    data = recipe.task.add_reference(data, variant.disabled, tokenizer, recipe.train.eval_batch_size or recipe.train.batch_size)
+    data = recipe.task.add_reference(data, variant.disabled, tokenizer, recipe.train.eval_batch_size or recipe.train.batch_size, say)
     return Built(recipe, model_config, tokenizer, data, model, variant, precision, layout_of(recipe, processes))
 
 

@@ -134,10 +134,12 @@ class Task:
         """This task as the recipe configures it (a preference objective); default: itself."""
         return self
 
-    def add_reference(self, data: Any, reference: Callable[[], Any], tokenizer: Any, batch_size: int) -> Any:
+    def add_reference(self, data: Any, reference: Callable[[], Any], tokenizer: Any, batch_size: int,
+                      say: Callable[[str], None] = lambda line: None) -> Any:
         """``data`` (lorafam.data.PreparedData) with what the task needs from the model a run starts
         from, before any training; ``reference()`` is a context manager giving that model (the
-        adapter off: ``Variant.disabled``). Default: ``data`` unchanged, ``reference`` not entered."""
+        adapter off: ``Variant.disabled``); ``say`` tells the user what is being computed (it can
+        take minutes). Default: ``data`` unchanged, ``reference`` not entered."""
         return data
 
     def row_features(self) -> Any:

@@ -142,7 +142,8 @@ class Preference(CausalLM):
         return collate
 
     @torch.no_grad()
-    def add_reference(self, data: Any, reference: Callable[[], Any], tokenizer: Any, batch_size: int) -> Any:
+    def add_reference(self, data: Any, reference: Callable[[], Any], tokenizer: Any, batch_size: int,
+                      say: Callable[[str], None] = lambda line: None) -> Any:
         """``data`` (PreparedData) with each row's reference log-probs as columns, computed once by
         the model ``reference()`` gives (the starting model: the adapter off, before any training;
         so PiSSA's original W, Delta-LoRA's W before it moves, LoRA-drop before its probe run), in
@@ -151,7 +152,9 @@ class Preference(CausalLM):
         if not self.config.needs_reference:
             return data
         collate = self.collator(tokenizer)
-        with reference() as model:
+        pairs = len(data.train) + (len(data.eval) if data.eval is not None else 0)
+        say(f"reference log-probs: scoring {pairs:,} pairs with the starting model (adapter off), once")
+        with reference() as model, torch.no_grad():
             train = _with_reference(data.train, model, collate, batch_size)
             evaluation = _with_reference(data.eval, model, collate, batch_size) if data.eval is not None else None
         return dataclasses.replace(data, train=train, eval=evaluation)
