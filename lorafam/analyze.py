@@ -284,6 +284,18 @@ def select_paths(paths: Iterable[str], module: str | None, layer: int | None, wh
     return chosen
 
 
+
+def linear_paths(adapted: Any, module: str | None, layer: int | None, run: str, experts_match: bool) -> list[str]:
+    """The adapted linear layers ``--module``/``--layer`` select; none (rather than an error) where
+    they select only fused expert weights."""
+    try:
+        return select_paths(adapted.variant.layers, module, layer, run)
+    except LorafamError:
+        if not experts_match:  # neither a linear layer nor an expert weight matches
+            raise
+        return []
+
+
 def output_folder(output: Path | None, run_folder: Path) -> Path:
     """``--output``, or RUN/analysis; a file in the way is an error before anything is computed."""
     folder = Path(output) if output is not None else Path(run_folder) / "analysis"
@@ -379,12 +391,7 @@ def subspace(
     folder = output_folder(output, Path(run_a))
     first = load_run(run_a)
     experts = _expert_keys(first, module, layer)
-    try:
-        paths = select_paths(first.variant.layers, module, layer, str(run_a))
-    except LorafamError:
-        if not experts:  # neither a linear layer nor an expert weight matches
-            raise
-        paths = []
+    paths = linear_paths(first, module, layer, str(run_a), bool(experts))
     space = "input space: right-singular vectors of A" if side == "A" else "output space: left-singular vectors of B"
     matrices: dict[str, dict[str, Any]] = {}
     if run_b is not None:
@@ -497,12 +504,7 @@ def decomposition(run_dir: Path, *, module: str | None, layer: int | None, outpu
     folder = output_folder(output, Path(run_dir))
     adapted = load_run(run_dir)
     has_experts = bool(adapted.expert_weights(module, layer))
-    try:
-        paths = select_paths(adapted.variant.layers, module, layer, str(run_dir))
-    except LorafamError:
-        if not has_experts:  # neither a linear layer nor an expert weight matches
-            raise
-        paths = []
+    paths = linear_paths(adapted, module, layer, str(run_dir), has_experts)
     where = grid_positions(list(adapted.variant.layers))
     points: dict[str, list[dict[str, Any]]] = {}
     with torch.no_grad():
@@ -606,12 +608,7 @@ def amplification(run_dir: Path, *, module: str | None, layer: int | None, outpu
     folder = output_folder(output, Path(run_dir))
     adapted = load_run(run_dir)
     experts = list(adapted.expert_matrices(module, layer))
-    try:
-        paths = select_paths(adapted.variant.layers, module, layer, str(run_dir))
-    except LorafamError:
-        if not experts:  # neither a linear layer nor an expert weight matches
-            raise
-        paths = []
+    paths = linear_paths(adapted, module, layer, str(run_dir), bool(experts))
     from lorafam.adapters.base import grid_positions
 
     where = grid_positions(list(adapted.variant.layers))
