@@ -284,7 +284,6 @@ def select_paths(paths: Iterable[str], module: str | None, layer: int | None, wh
     return chosen
 
 
-
 def linear_paths(adapted: Any, module: str | None, layer: int | None, run: str, experts_match: bool) -> list[str]:
     """The adapted linear layers ``--module``/``--layer`` select; none (rather than an error) where
     they select only fused expert weights."""
