@@ -89,8 +89,33 @@ def test_minilm_classification_recipe_reaches_its_accuracy_on_bbc_news(tmp_path)
     assert evaluated["accuracy"] == pytest.approx(info["eval_after"]["accuracy"])
 
 
+def test_dpo_recipe_after_a_short_quickstart_learns_the_preferences(tmp_path):
+    """SFT then DPO, as the README runs them, cut to minutes: a 4-step quickstart, then recipes/dpo.yaml
+    starting from it for 12 steps (2 passes over 48 pairs; the first 16 held-out pairs scored). The DPO run records where it
+    started, its held-out DPO loss falls from log 2 (policy = reference) and most held-out pairs end
+    with the chosen answer rewarded higher; `lorafam eval` of the run gives its own eval again."""
+    sft, run = tmp_path / "sft", tmp_path / "dpo"
+    lorafam(
+        "train", "recipes/quickstart.yaml", "--set", "train.max_steps=4", "--set", "train.warmup_steps=0",
+        "--set", "data.max_samples=64", "--set", "train.eval_max_batches=1", "--set", "train.sample_prompt=null",
+        "--set", f"output_dir={sft}",
+    )
+    lorafam(
+        "train", "recipes/dpo.yaml", "--set", f"model.start_from={sft}", "--set", "data.max_samples=48",
+        "--set", "data.max_length=64", "--set", "train.max_steps=12", "--set", "train.eval_max_batches=1",
+        "--set", "train.warmup_steps=1", "--set", "train.sample_max_new_tokens=8", "--set", f"output_dir={run}",
+    )
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "complete" and Path(info["start_from"]).resolve() == sft.resolve()
+    before, after = info["eval_before"], info["eval_after"]
+    assert before["loss"] == pytest.approx(math.log(2), abs=1e-4) and before["accuracy"] == 0.0
+    assert after["loss"] < before["loss"] and after["accuracy"] > 0.5, after
+    evaluated = json.loads(lorafam("eval", str(run), "--json").stdout)
+    assert evaluated["loss"] == pytest.approx(after["loss"], rel=1e-5)
+
+
 CAUSAL_RECIPES = sorted(
-    p.stem for p in (ROOT / "recipes").glob("*.yaml") if p.stem not in ("quickstart", "classify_bbc")
+    p.stem for p in (ROOT / "recipes").glob("*.yaml") if p.stem not in ("quickstart", "classify_bbc", "dpo")
 )
 
 #: The cost cut applied to every recipe: fewer, shorter, smaller steps and a fixed slice of the eval
