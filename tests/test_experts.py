@@ -404,15 +404,20 @@ def chat_data(tmp_path_factory) -> Path:
     return make_chat_data(tmp_path_factory.mktemp("chat") / "chat.jsonl", rows=72)
 
 
-def layout_run(tmp_path: Path, model: Path, data: Path, batch_size: int, accum: int) -> Path:
-    name = f"b{batch_size}x{accum}"
-    path = write_recipe(
+def layout_recipe(tmp_path: Path, model: Path, data: Path, name: str, batch_size: int = 4, accum: int = 1) -> Path:
+    """The layout tests' run: 6 SGD steps of LoRA on every linear and expert weight, at a per-process
+    batch layout (a launcher adds processes)."""
+    return write_recipe(
         tmp_path / f"{name}.yaml", model, data, tmp_path / name,
         adapter={"variant": "lora", "r": 2, "alpha": 4, "target_modules": "all-linear"},
         train={"max_steps": 6, "batch_size": batch_size, "grad_accum": accum, "optimizer": "sgd", "lr": 0.05,
                "mixed_precision": "no", "save_every": 100, "log_every": 1},
         data_keys={"max_length": 40},
     )
+
+
+def layout_run(tmp_path: Path, model: Path, data: Path, batch_size: int, accum: int) -> Path:
+    path = layout_recipe(tmp_path, model, data, f"b{batch_size}x{accum}", batch_size, accum)
     result = cli("train", path)
     assert result.exit_code == 0, result.output + result.stderr
     return Path(load_recipe(path).output_dir)
@@ -435,13 +440,7 @@ def test_two_processes_train_the_same_expert_adapter_as_one(tmp_path, moe_folder
     from test_distributed import launch
 
     reference = load_file(layout_run(tmp_path, moe_folders["qwen3_moe"], chat_data, 8, 1) / ADAPTER_WEIGHTS)
-    path = write_recipe(
-        tmp_path / "two.yaml", moe_folders["qwen3_moe"], chat_data, tmp_path / "two",
-        adapter={"variant": "lora", "r": 2, "alpha": 4, "target_modules": "all-linear"},
-        train={"max_steps": 6, "batch_size": 4, "grad_accum": 1, "optimizer": "sgd", "lr": 0.05,
-               "mixed_precision": "no", "save_every": 100, "log_every": 1},
-        data_keys={"max_length": 40},
-    )
+    path = layout_recipe(tmp_path, moe_folders["qwen3_moe"], chat_data, "two")
     result = launch("-m", "lorafam", "train", path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "run.json").read_text())["processes"] == 2
@@ -544,13 +543,7 @@ def test_fsdp2_trains_the_same_expert_adapter_as_one_process(tmp_path, moe_folde
     from test_distributed import launch_fsdp
 
     reference = layout_run(tmp_path, moe_folders["qwen3_moe"], chat_data, 8, 1)
-    path = write_recipe(
-        tmp_path / "fsdp.yaml", moe_folders["qwen3_moe"], chat_data, tmp_path / "fsdp",
-        adapter={"variant": "lora", "r": 2, "alpha": 4, "target_modules": "all-linear"},
-        train={"max_steps": 6, "batch_size": 4, "grad_accum": 1, "optimizer": "sgd", "lr": 0.05,
-               "mixed_precision": "no", "save_every": 100, "log_every": 1},
-        data_keys={"max_length": 40},
-    )
+    path = layout_recipe(tmp_path, moe_folders["qwen3_moe"], chat_data, "fsdp")
     result = launch_fsdp("train", path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "engine: FSDP2 on 2 process(es)" in result.stdout
