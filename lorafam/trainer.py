@@ -14,8 +14,8 @@ dropped; a step's global batch is split across processes, then into micro-batche
 therefore needs nothing but the step to take exactly the batches the uninterrupted run would.
 
 What differs between the main run and a variant's preparatory pass (LoRA-drop's probe run) is the
-``Pass`` handed to the loop: the main pass (``MainPass``) evaluates, samples, checkpoints and
-answers signals; a preparatory one does none of it. What differs between one process, DDP, FSDP2
+``Pass`` handed to the loop: both checkpoint and answer signals (a preparatory pass into its own
+folder under prepare/); the main pass (``MainPass``) also evaluates and samples. What differs between one process, DDP, FSDP2
 and DeepSpeed is the ``Engine`` (lorafam.engine); the loop does not know which it runs under.
 
 Surviving interruptions: a checkpoint holds everything the next step depends on (adapter, variant
@@ -560,8 +560,8 @@ def train(
     """Train ``variant``'s parameters on ``data.train``: set up a pass, run the loop, free the engine.
 
     ``phase`` other than "main" is a variant's preparatory pass (see Variant.prepare): same loop,
-    its own step count (None: one pass over the data), no eval, samples or checkpoints, metrics
-    rows tagged with the phase. ``resume`` continues from a checkpoint of this run
+    its own step count (None: one pass over the data), no eval or samples, its checkpoints under
+    prepare/<phase>/, metrics rows tagged with the phase. ``resume`` continues from a checkpoint of this run
     (lorafam.checkpoint.find_latest_checkpoint). ``on_row`` gets every metrics row too (experiment
     trackers). Every process runs this function; only the main one writes ``folder``.
     Raises TrainingInterrupted on SIGINT/SIGTERM and TrainingDiverged on a non-finite loss.
