@@ -1,8 +1,8 @@
 """lorafam vs PEFT: step time and peak RSS for every variant both implement, side by side.
 
-    python benchmarks/vs_peft.py                          # every variant, small random Llama, minutes on 2 cores
-    python benchmarks/vs_peft.py --variants lora dora --hidden 512 --layers 8 --intermediate 1408 \\
-        --batch 8 --length 256                            # the ~60M Llama of issue 12
+    python benchmarks/vs_peft.py                          # every variant, both shapes (~25 min on 2 cores)
+    python benchmarks/vs_peft.py --shapes 60m --variants lora dora vera   # the 58.5M Llama at 8 x 256 only
+    python benchmarks/vs_peft.py --shapes custom --hidden 768 --layers 12 --batch 4 --length 512
     python benchmarks/vs_peft.py --precision bf16         # bf16 autocast on both sides
     python benchmarks/vs_peft.py --cli                    # lorafam side = `lorafam train` end to end
     python benchmarks/vs_peft.py --threads 1 --clock cpu  # steadier on a machine busy with other work
@@ -13,13 +13,20 @@ CPU, one command at a time, in rounds ordered A B B A (A B C C B A for more side
 the machine's load hits every side alike; a side's step time is the median of its timed steps
 after warm-up, and the spread is the min..max of the per-round ratios.
 
+Two shapes by default, each its own table (``--shapes``): ``small``, a 19.5M-parameter Llama at
+batch 4 x 128, and ``60m``, a 58.5M one at 8 x 256, where the output head is a third of the linear
+work (the shape where lorafam's fp32 step was once 17% behind: issue 23). ``custom`` takes the
+--hidden/--layers/--intermediate/--batch/--length flags. Every table is printed under the CPU's
+flags (AVX-512, AVX512_BF16, AMX: whether bf16 is native), since the ratios differ between CPUs.
+
 Both sides run the same plain loop on the same model (random Llama built from a config, saved to a
 folder and loaded by each side as a user would), the same random token batches (labels = inputs,
 no padding), AdamW at one lr, clipping at 1.0, adapters on every linear layer but the head:
 
 * lorafam: ``lorafam.modeling.load_model`` + ``build_variant(config).apply(model)``, optimizer over
-  ``variant.param_groups``, loss + ``variant.extra_losses()``, ``variant.after_step`` after the step
-  (the hooks lorafam's trainer calls);
+  ``variant.param_groups``, the loss through the causal-LM task's loss module (labelled positions
+  only, the head in chunks) + ``variant.extra_losses()``, ``variant.after_step`` after the step
+  (what lorafam's trainer calls);
 * PEFT: ``from_pretrained`` + ``get_peft_model``; LoRA+ and LoRA-FA through PEFT's own optimizer
   factories (PEFT's LoRA-FA also preconditions B's gradient, which lorafam's does not: see
   lorafam/adapters/lora_fa.py), AdaLoRA with ``update_and_allocate`` each step; QLoRA with
@@ -48,6 +55,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,6 +173,7 @@ def build_lorafam(spec: dict[str, Any]):
     from lorafam.adapters import build_variant
     from lorafam.modeling import load_model
     from lorafam.recipe import ModelConfig
+    from lorafam.tasks import get_task
 
     name = spec["variant"]
     quantized = name in QUANTIZED
@@ -177,7 +186,19 @@ def build_lorafam(spec: dict[str, Any]):
     variant = build_variant(config).apply(model)
     optimizer = torch.optim.AdamW(variant.param_groups(spec["lr"], 0.0))
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
-    return model, optimizer, trainable, lambda step: variant.after_step(step, spec["total_steps"]), variant.extra_losses
+
+    class MeanLoss(torch.nn.Module):
+        """model(**batch)'s interface over the trainer's loss module: the mean over the labelled positions."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = get_task("causal-lm").loss_module(model)
+
+        def forward(self, labels: torch.Tensor, **inputs: Any) -> Any:
+            out = self.inner(labels=labels, **inputs)
+            return SimpleNamespace(loss=out["loss_sum"] / out["count"])
+
+    return MeanLoss(), optimizer, trainable, lambda step: variant.after_step(step, spec["total_steps"]), variant.extra_losses
 
 
 def build_peft(spec: dict[str, Any]):
@@ -536,25 +557,15 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     print(f"wrote {path}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    parser.add_argument("--no-floor", action="store_true", help="skip the frozen-base floor")
-    add_common_args(parser)
-    parser.add_argument("--cli", action="store_true", help="time `lorafam train` (metrics.jsonl) instead of the library loop")
-    parser.add_argument("--cli-set", action="append", default=[], metavar="KEY=VALUE", help="extra --set for `lorafam train`")
-    parser.add_argument("--json", type=Path, default=ROOT / "runs" / "vs_peft.json")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--cli-child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        return child(json.loads(args.child))
-    if args.cli_child:
-        return cli_child(args.cli_child, args.cli_set)
-    if args.cli and args.clock == "cpu":
-        parser.error("--cli times `lorafam train` from its tokens_per_s, a wall-clock figure: drop --clock cpu")
+#: The model and batch shapes ``--shapes`` names; ``custom`` takes the command line's flags.
+SHAPES: dict[str, dict[str, int]] = {
+    "small": {"hidden": 256, "layers": 4, "intermediate": 688, "batch": 4, "length": 128},
+    "60m": {"hidden": 512, "layers": 8, "intermediate": 1408, "batch": 8, "length": 256},
+}
 
-    machine = describe_machine()
+
+def run_shape(args: argparse.Namespace, machine: dict[str, Any]) -> dict[str, Any]:
+    """Every variant at one shape: the groups, then the table (under the CPU's flags)."""
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model or make_model_folder(Path(tmp) / "model", args)
@@ -573,6 +584,8 @@ def main() -> None:
 
     floor = results.get("floor", {}).get("floor", {}).get("step_s")
     mb = 1024**2
+    print(f"\n{args.shape}: {n_params / 1e6:.1f}M Llama, batch {args.batch} x {args.length}, {args.precision or 'fp32'}"
+          f"{' (lorafam: `lorafam train`)' if args.cli else ''} · {machine_line(machine)}")
     head = f"{'':10}{'lorafam s/step':>15}{'PEFT s/step':>13}{'ratio':>7}{'round ratios':>14}{'lorafam RSS MB':>16}{'PEFT RSS MB':>13}{'RSS ratio':>10}"
     print(head + (f"{'lorafam / floor':>16}" if floor else ""))
     table = []
@@ -599,8 +612,44 @@ def main() -> None:
         drift = [pair["peft"]["drift_after_over_before"] for pair in results.values()]
         print(f"lorafam side: `lorafam train` with train.mixed_precision {', '.join(used)}; PEFT side {args.precision or 'fp32'}, "
               f"its turns after the CLI run over those before: {spread(drift)} (machine drift)")
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("child", "cli_child")}
-    write_json(args.json, {"machine": machine, "settings": settings, "model_params": n_params, "table": table, "raw": results})
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("child", "cli_child", "shapes")}
+    return {"shape": args.shape, "settings": settings, "model_params": n_params, "table": table, "raw": results}
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    """The CPU and the flags that decide its bf16, for the head of every table."""
+    flags = " ".join(f"{k}{'+' if v else '-'}" for k, v in machine["flags"].items())
+    return f"{machine['cpu']}, {machine['cores']} cores, {flags}: bf16 {'native' if machine['native_bf16'] else 'emulated'}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--shapes", nargs="+", choices=[*SHAPES, "custom"], default=list(SHAPES),
+                        help="model and batch shapes, one table each (custom: the --hidden ... --length flags)")
+    parser.add_argument("--no-floor", action="store_true", help="skip the frozen-base floor")
+    add_common_args(parser)
+    parser.add_argument("--cli", action="store_true", help="time `lorafam train` (metrics.jsonl) instead of the library loop")
+    parser.add_argument("--cli-set", action="append", default=[], metavar="KEY=VALUE", help="extra --set for `lorafam train`")
+    parser.add_argument("--json", type=Path, default=ROOT / "runs" / "vs_peft.json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--cli-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(json.loads(args.child))
+    if args.cli_child:
+        return cli_child(args.cli_child, args.cli_set)
+    if args.cli and args.clock == "cpu":
+        parser.error("--cli times `lorafam train` from its tokens_per_s, a wall-clock figure: drop --clock cpu")
+    if args.model and args.shapes != ["custom"]:
+        parser.error("--model is a folder of one shape: give its --hidden ... flags with --shapes custom")
+
+    machine = describe_machine()
+    shapes = []
+    for shape in args.shapes:
+        shaped = argparse.Namespace(**(vars(args) | SHAPES.get(shape, {}) | {"shape": shape}))
+        shapes.append(run_shape(shaped, machine))
+    write_json(args.json, {"machine": machine, "shapes": shapes})
 
 
 if __name__ == "__main__":

@@ -72,7 +72,11 @@ def test_the_head_sees_only_labelled_positions(monkeypatch):
     assert all(len(shape) == 2 for shape in seen)  # (positions, hidden): never (batch, seq, vocab)
 
 
-def test_long_inputs_go_through_the_head_in_chunks_with_the_same_loss_and_gradients(monkeypatch):
+@pytest.mark.parametrize("head", ["frozen linear", "hooked"])
+def test_long_inputs_go_through_the_head_in_chunks_with_the_same_loss_and_gradients(monkeypatch, head):
+    """A frozen plain linear head computes each chunk's logits once, its gradient with them; a head
+    with a hook on its call (one that trains, or is wrapped, alike) is checkpointed: each chunk's
+    logits are computed again in backward."""
     batch = causal_batch()
     model = lora_llama()
     whole = get_task("causal-lm").loss_module(model)(**batch)["loss_sum"]
@@ -82,13 +86,23 @@ def test_long_inputs_go_through_the_head_in_chunks_with_the_same_loss_and_gradie
 
     monkeypatch.setattr(causal_lm, "CHUNK_ELEMENTS", 128 * 5)  # 5 positions of a 128-token vocabulary
     loss_model = get_task("causal-lm").loss_module(model)
-    calls = []
-    model.get_output_embeddings().register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    lm_head = model.get_output_embeddings()
+    calls = []  # positions per matmul with the head's weight, through the module or not
+    linear = torch.nn.functional.linear
+
+    def counting(x, weight, bias=None):
+        if weight is lm_head.weight:
+            calls.append(x.shape[0])
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counting)
+    if head == "hooked":
+        lm_head.register_forward_hook(lambda m, args, out: None)
     chunked = loss_model(**batch)["loss_sum"]
     forward_calls = len(calls)
     chunked.backward()
-    assert forward_calls > 1 and max(calls) <= 5
-    assert len(calls) == 2 * forward_calls  # each chunk recomputed in backward, not kept
+    assert forward_calls > 1 and max(calls) <= 5 and sum(calls[:forward_calls]) == get_task("causal-lm").label_count(batch)
+    assert len(calls) == (2 * forward_calls if head == "hooked" else forward_calls)
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
     # Chunking changes the order of the sums behind every gradient element, and so does the thread
     # count: an element that nearly cancels carries the rounding of the terms it sums, so the bound
@@ -97,6 +111,62 @@ def test_long_inputs_go_through_the_head_in_chunks_with_the_same_loss_and_gradie
         if p.requires_grad:
             scale = float(expected[name].abs().max())
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_head_log_probs_equal_autograd_through_the_head_for_any_incoming_gradient(precision):
+    """Per-position log-probs (what preference tuning sums per answer) and their gradient with
+    respect to the hidden states, for an arbitrary incoming gradient, against autograd through
+    head + log_softmax, in fp32 and under bf16 autocast."""
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(32, 96, bias=True).requires_grad_(False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(96, 32, generator=g) * 0.3)
+        head.bias.copy_(torch.randn(96, generator=g) * 0.1)
+    hidden = torch.randn(23, 32, generator=g)
+    targets = torch.randint(0, 96, (23,), generator=g)
+    incoming = torch.randn(23, generator=g)
+    bf16 = precision == "bf16"
+
+    def run(fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        h = hidden.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            if fused:
+                out = causal_lm.HeadLogProbs.apply(h, targets, head.weight, head.bias, 5)
+            else:
+                out = torch.log_softmax(head(h).float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
+        (out * incoming).sum().backward()
+        return out.detach(), h.grad
+
+    assert causal_lm.fuses(head, hidden.clone().requires_grad_(True))
+    ours, ours_grad = run(fused=True)
+    theirs, theirs_grad = run(fused=False)
+    if not bf16:
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ours_grad, theirs_grad, rtol=1e-5, atol=1e-6)
+        return
+    # Same bf16 logits on both sides: the log-probs agree to fp32 rounding.
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-5)
+    # Autograd rounds incoming x (onehot - softmax) to bf16, HeadLogProbs rounds (onehot - softmax)
+    # and scales after the matmul: each term of the sum over the vocabulary carries at most two
+    # bf16 roundings (2^-8 each) either way, and each result one more.
+    with torch.no_grad():
+        d = torch.nn.functional.one_hot(targets, 96) - torch.softmax(head(hidden), dim=-1)
+        bound = 4 * 2**-8 * (incoming.abs()[:, None] * (d.abs() @ head.weight.abs())) + 2**-8 * theirs_grad.abs()
+    assert bool(((ours_grad - theirs_grad).abs() <= bound + 1e-7).all())
+
+
+def test_a_head_that_trains_or_is_sharded_is_not_fused():
+    hidden = torch.randn(4, 8, requires_grad=True)
+    head = torch.nn.Linear(8, 16, bias=False).requires_grad_(False)
+    assert causal_lm.fuses(head, hidden)
+    assert not causal_lm.fuses(head, hidden.detach())  # no gradient wanted: plain chunks
+    with torch.no_grad():
+        assert not causal_lm.fuses(head, hidden)
+    assert not causal_lm.fuses(head.requires_grad_(True), hidden)  # its weight needs a gradient
+    head.requires_grad_(False)
+    head.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)  # ZeRO-3's placeholder
+    assert not causal_lm.fuses(head, hidden)
 
 
 def test_a_model_with_logit_softcapping_falls_back_to_the_full_logits():

@@ -40,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lorafam.adapters.dropout import mix
 from lorafam.tasks.base import IGNORE_INDEX, LossOutput, TaskLossModule
-from lorafam.tasks.causal_lm import CHUNK_ELEMENTS, CausalLM, _head_splits_off
+from lorafam.tasks.causal_lm import CausalLM, HeadLogProbs, _head_splits_off, fuses, head_chunk
 
 Objective = Literal["dpo", "ipo", "orpo", "simpo"]
 
@@ -183,7 +183,7 @@ class AnswerLogProbs:
     """Per row: the summed log-probability of its labelled tokens (fp32) and their number.
 
     Like CausalLMLoss, only the scored positions reach the output head, a chunk at a time
-    (checkpointed under gradients), so no (tokens x vocabulary) tensor exists for the prompts.
+    (with gradients, as chunked_cross_entropy does it), so no (tokens x vocabulary) tensor exists for the prompts.
     ``also`` marks further next-token positions to score (ORPO's SFT term covers the whole chosen
     sequence); their log-probs come back as a third value, per row."""
 
@@ -210,7 +210,9 @@ class AnswerLogProbs:
 
 
 def _chunked_token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
-    chunk = max(1, CHUNK_ELEMENTS // head.weight.shape[0])
+    chunk = head_chunk(head)
+    if hidden.shape[0] > chunk and fuses(head, hidden):
+        return HeadLogProbs.apply(hidden, targets, head.weight, head.bias, chunk)
 
     def logps(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return -F.cross_entropy(head(h).float(), t, reduction="none")
