@@ -22,6 +22,7 @@ import torch
 from accelerate import Accelerator
 
 from lorafam.errors import LorafamError
+from lorafam.frozen_weights import uncopied_frozen_weights
 from lorafam.hardware import Precision, check_process_count, process_group
 
 if TYPE_CHECKING:
@@ -35,6 +36,9 @@ class Engine:
     """An Accelerator for one training phase, and what it means for a step."""
 
     accelerator: Accelerator
+    # Frozen fp32 weights are not kept as autocast copies between forward and backward
+    # (lorafam.frozen_weights); set by ``prepare`` where the engine leaves whole weights in place.
+    uncopied_frozen_weights: bool = False
 
     @classmethod
     def create(cls, precision: Precision, unused_parameters: bool = False) -> "Engine":
@@ -154,6 +158,9 @@ class Engine:
         """
         if self.deepspeed:
             configure_deepspeed(self.accelerator, recipe, layout)
+        # Not under FSDP or DeepSpeed, which hold and cast the weights themselves, nor under
+        # torch.compile, whose graphs would break at the function mode.
+        self.uncopied_frozen_weights = not (self.deepspeed or self.shards_parameters() or recipe.train.compile)
         return self.accelerator.prepare(loss_module, optimizer)
 
     def free(self) -> None:
@@ -162,8 +169,13 @@ class Engine:
 
     # ----------------------------------------------------------------------------------------------
     # One optimizer step
-    def autocast(self) -> Any:
-        return self.accelerator.autocast()
+    @contextmanager
+    def autocast(self) -> Iterator[None]:
+        """The run's mixed precision, without a second copy of the frozen weights kept for backward."""
+        # Only when autocasting: the mode sees every torch call, which an fp32 run need not pay for.
+        uncopied = self.uncopied_frozen_weights and self.accelerator.mixed_precision != "no"
+        with self.accelerator.autocast(), uncopied_frozen_weights(self.device.type, uncopied):
+            yield
 
     @contextmanager
     def micro_batch(self, loss_model: torch.nn.Module, last: bool) -> Iterator[None]:
