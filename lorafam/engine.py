@@ -159,8 +159,11 @@ class Engine:
         if self.deepspeed:
             configure_deepspeed(self.accelerator, recipe, layout)
         # Not under FSDP or DeepSpeed, which hold and cast the weights themselves, nor under
-        # torch.compile, whose graphs would break at the function mode.
-        self.uncopied_frozen_weights = not (self.deepspeed or self.shards_parameters() or recipe.train.compile)
+        # torch.compile, whose graphs would break at the function mode, nor with gradient
+        # checkpointing: its blocks keep no copies anyway, and their recomputation in backward
+        # (outside the mode) must save what the forward saved.
+        cfg = recipe.train
+        self.uncopied_frozen_weights = not (self.deepspeed or self.shards_parameters() or cfg.compile or cfg.gradient_checkpointing)
         return self.accelerator.prepare(loss_module, optimizer)
 
     def free(self) -> None:

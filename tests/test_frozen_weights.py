@@ -109,9 +109,13 @@ def test_every_variant_trains_the_same_bf16_adapter_without_the_copies(variant, 
         assert torch.equal(a[key], b[key]), key
 
 
-def test_an_fp32_run_does_not_enter_the_mode(tmp_path, assets, monkeypatch):
+@pytest.mark.parametrize("run", ["fp32", "bf16 with gradient checkpointing"])
+def test_runs_the_mode_does_not_apply_to_train_without_it(run, tmp_path, assets, monkeypatch):
+    """fp32 has no copies to spare; under gradient checkpointing a block's recomputation in backward
+    (outside the mode) must save what its forward saved, or torch refuses the recomputation."""
     seen = []
     original = lorafam.engine.uncopied_frozen_weights
     monkeypatch.setattr(lorafam.engine, "uncopied_frozen_weights", lambda device, enabled: seen.append(enabled) or original(device, enabled))
-    train(tmp_path, assets, "lora", "fp32", mixed_precision="no", max_steps=2)
+    keys = {"mixed_precision": "no"} if run == "fp32" else {"gradient_checkpointing": True}
+    train(tmp_path, assets, "lora", "run", max_steps=2, **keys)
     assert seen and not any(seen)
