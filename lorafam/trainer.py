@@ -32,6 +32,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -158,13 +159,23 @@ class BatchLayout:
         whole, rest = divmod(n_examples, self.global_batch)
         return max(1, whole + int(self.partial_last and rest > 0))
 
-    def micro_batches(self, n_examples: int, seed: int, step: int, rank: int) -> list[list[int]]:
-        """Example indices of this process's micro-batches in optimizer step ``step`` (1-based)."""
+    def micro_batches(self, n_examples: int, seed: int, step: int, rank: int,
+                      lengths: Sequence[int] | None = None) -> list[list[int]]:
+        """Example indices of this process's micro-batches in optimizer step ``step`` (1-based).
+
+        With ``lengths`` (each example's tokens) the process's examples go into its micro-batches
+        shortest first, so each micro-batch is padded to about its own rows' length. Which examples
+        make the step does not change, and a step does not depend on how they are split (its loss is
+        divided by the whole step's label count; dropout masks follow the example), so this moves
+        only float rounding, and saves the padding of a short row batched with a long one.
+        """
         epoch, index = divmod(step - 1, self.steps_per_epoch(n_examples))
         order = _permutation(n_examples, seed + epoch)
         step_examples = order[index * self.global_batch : (index + 1) * self.global_batch]
         per_process = self.batch_size * self.grad_accum
-        mine = step_examples[rank * per_process : (rank + 1) * per_process]
+        mine = list(step_examples[rank * per_process : (rank + 1) * per_process])
+        if lengths is not None and self.grad_accum > 1:
+            mine.sort(key=lambda i: lengths[i])
         batches = [mine[i * self.batch_size : (i + 1) * self.batch_size] for i in range(self.grad_accum)]
         # Fewer examples than one global batch (a small preparatory sample): fewer micro-batches,
         # possibly none for this process (see Session.batches).
@@ -402,6 +413,8 @@ class Session:
     # Adapter dropout keys each row by (this, step, example index): its masks follow the example,
     # whatever the layout (lorafam.adapters.dropout). A pass has its own.
     dropout_seed: int = 0
+    # Each training row's tokens, for BatchLayout.micro_batches to group rows of like length.
+    lengths: Sequence[int] | None = None
 
     def batches(self, step: int) -> list[tuple[dict[str, torch.Tensor], int, list[int]]]:
         """This process's micro-batches of ``step``, collated and on the device, each with its
@@ -409,10 +422,10 @@ class Session:
         examples (data smaller than one global batch) still takes part in the step's gradient
         synchronisation, with one example that counts for nothing (tokens -1)."""
         seed, rank = self.recipe.train.seed, self.engine.process_index
-        indices = self.layout.micro_batches(len(self.data.train), seed, step, rank)
+        indices = self.layout.micro_batches(len(self.data.train), seed, step, rank, self.lengths)
         placeholder = not indices
         if placeholder:
-            indices = [self.layout.micro_batches(len(self.data.train), seed, step, 0)[0][:1]]
+            indices = [self.layout.micro_batches(len(self.data.train), seed, step, 0, self.lengths)[0][:1]]
         device = self.engine.device
         out = []
         for idx in indices:
@@ -457,6 +470,7 @@ def set_up(
         recipe, task, engine, loss_model, model, variant, optimizer, scheduler, trainable, data,
         task.collator(tokenizer), layout, steps,
         [t for t in variant.live_tensors().values() if is_partitioned(t)], mix(cfg.seed, this.name),
+        [task.row_tokens(row) for row in data.train] if layout.grad_accum > 1 else None,
     )
 
 

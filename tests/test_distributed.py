@@ -98,6 +98,24 @@ def test_micro_batches_really_differ_in_label_tokens(tmp_path, assets):
     assert len(counts) == 4 and len(set(counts)) > 1, counts
 
 
+@pytest.mark.parametrize("batch, accum, processes", [(2, 3, 1), (4, 2, 1), (1, 4, 2), (3, 1, 1)])
+def test_a_step_groups_its_examples_by_length_without_changing_which_it_takes(batch, accum, processes):
+    """Given the rows' lengths, each process's examples of a step go into its micro-batches shortest
+    first (less padding); the examples, and how many each micro-batch holds, stay as without.
+    That the adapter stays the same to float rounding is what the grad_accum tests below show."""
+    lengths = torch.randint(1, 128, (53,), generator=torch.Generator().manual_seed(0)).tolist()
+    layout = BatchLayout(batch, accum, processes)
+    for step in range(1, 3 * layout.steps_per_epoch(53) + 1):  # across epochs
+        for rank in range(processes):
+            plain = layout.micro_batches(53, 7, step, rank)
+            grouped = layout.micro_batches(53, 7, step, rank, lengths)
+            assert [len(b) for b in grouped] == [len(b) for b in plain]
+            assert sorted(sum(grouped, [])) == sorted(sum(plain, []))
+            flat = [lengths[i] for b in grouped for i in b]
+            # One micro-batch is padded to its longest row whatever its order: left as it was.
+            assert flat == sorted(flat) if accum > 1 else grouped == plain
+
+
 def word_tokenizer_with_template():
     from tinyrun import WORD_CHAT_TEMPLATE
 

@@ -79,6 +79,26 @@ def test_eval_loss_is_the_token_mean_at_any_batch_size(setup, batch_size):
     assert abs(per_row - loss_sum / count) > 1e-3 * (loss_sum / count)
 
 
+def test_eval_batches_rows_of_like_length_and_a_cap_scores_the_first_rows(setup):
+    """Rows go into eval batches shortest first, so a batch is padded to about its rows' length;
+    under ``max_batches`` the rows scored are still the data's first ones, as without sorting."""
+    tokenizer, model, rows = setup
+    task, collate = get_task("causal-lm"), make_collator(tokenizer, "causal-lm")
+    seen = []
+
+    def spy(batch_rows):
+        seen.append([len(r["input_ids"]) for r in batch_rows])
+        return collate(batch_rows)
+
+    evaluate(task.loss_module(model), task, rows, spy, 3)
+    assert [n for batch in seen for n in batch] == sorted(length for length, _ in SHAPES)
+    seen.clear()
+    capped = evaluate(task.loss_module(model), task, rows, spy, 3, max_batches=1)
+    assert sorted(n for batch in seen for n in batch) == sorted(length for length, _ in SHAPES[:3])
+    loss_sum, count = direct_sums(model, rows[:3])
+    assert capped["tokens"] == count and capped["loss"] == pytest.approx(loss_sum / count, rel=2e-6, abs=0)
+
+
 def test_perplexity_is_exp_of_the_mean_loss(setup):
     tokenizer, model, rows = setup
     task = get_task("causal-lm")

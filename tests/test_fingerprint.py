@@ -134,7 +134,9 @@ def assert_matches(case: str, run_dir: Path) -> None:
         assert relative_difference(reference[key], tensors[key]) < 1e-4, f"{case}: {key}"
     assert [r.keys() for r in got["rows"]] == [r.keys() for r in expected["rows"]]
     for got_row, row in zip(got["rows"], expected["rows"]):
-        assert got_row.get("loss") == pytest.approx(row.get("loss"), rel=1e-5), f"{case}: step {row.get('step')}"
+        for key, value in row.items():  # losses, eval losses, lr, the variant's logs; counts exactly
+            close = pytest.approx(value, rel=1e-5) if isinstance(value, float) else value
+            assert got_row[key] == close, f"{case}: step {row.get('step')} {key}"
     assert got["info"].keys() == expected["info"].keys()
 
 
@@ -158,8 +160,11 @@ def test_two_processes_train_the_recorded_adapters(tmp_path, assets):
 def test_a_run_killed_and_resumed_trains_the_recorded_adapter(variant, tmp_path, assets, start_held_train):
     run_dir = train_resumed(tmp_path, assets, variant, start_held_train)
     assert_matches(f"{variant}-resumed", run_dir)
-    # Resuming changes nothing: the same bits as the uninterrupted run.
-    assert fingerprint(run_dir)["sha256"] == json.loads((RECORD / "fingerprints.json").read_text())["cases"][variant]["sha256"]
+    # Resuming changes nothing: the same bits as the uninterrupted run (recorded on this machine;
+    # elsewhere tests/test_resume.py compares the two runs of that machine).
+    recorded = json.loads((RECORD / "fingerprints.json").read_text())
+    if recorded["machine"] == machine():
+        assert fingerprint(run_dir)["sha256"] == recorded["cases"][variant]["sha256"]
 
 
 def record() -> None:
