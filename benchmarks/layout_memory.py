@@ -43,6 +43,11 @@ def run(recipe: str, layout: tuple[int, int], steps: int, sets: list[str], out: 
     for item in overrides:
         command += ["--set", item]
     subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return read_run(out)
+
+
+def read_run(out: Path) -> dict:
+    """A finished run's peak RSS, step times and losses by step, and its adapter file."""
     info = json.loads((out / "run.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     seconds = {row["step"]: row["step_seconds"] for row in rows if "step_seconds" in row}
