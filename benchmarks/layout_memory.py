@@ -89,27 +89,31 @@ def main() -> None:
                 results[layout].append(run(args.recipe, layout, args.steps, args.sets, out))
                 print(f"round {r + 1}: {layout[0]}x{layout[1]} peak RSS {results[layout][-1]['rss'] / 1e9:.2f} GB", flush=True)
 
-        reference = layouts[0]
         print(f"\n{args.recipe}, {args.steps} steps, {args.rounds} rounds · {cpu_line()}")
-        ref = f"{reference[0]}x{reference[1]}"
-        print(f"| layout | peak RSS (GB), worst round | step time vs {ref}, paired median | "
-              f"all steps' time vs {ref} | adapter vs {ref}, rel. | losses vs {ref}, rel. |")
-        print("|---|---|---|---|---|---|")
-        for layout in layouts:
-            runs = results[layout]
-            ratios = [
-                run_["seconds"][step] / base["seconds"][step]
-                for run_, base in zip(runs, results[reference])
-                for step in run_["seconds"]
-                if step > 1 and step in base["seconds"]  # step 1 pays the first-call warm-up
-            ]
-            total = sum(s for run_ in runs for step, s in run_["seconds"].items() if step > 1)
-            reference_total = sum(s for run_ in results[reference] for step, s in run_["seconds"].items() if step > 1)
-            diff = adapter_difference(results[reference][0]["adapter"], runs[0]["adapter"])
-            loss_diff = loss_difference(results[reference][0]["losses"], runs[0]["losses"])
-            print(f"| {layout[0]}x{layout[1]} | {max(r_['rss'] for r_ in runs) / 1e9:.2f} | "
-                  f"{statistics.median(ratios):.3f} | {total / reference_total:.3f} | {diff:.1e} | {loss_diff:.1e} |")
+        print_comparison("layout", {f"{b}x{a}": results[(b, a)] for b, a in layouts})
 
+
+def print_comparison(column: str, results: dict[str, list[dict]]) -> None:
+    """A markdown table of runs (``read_run``'s, per round) against the first entry's: the worst
+    peak RSS, the step time paired step by step (the same step trains on the same examples in every
+    configuration) and over all steps, and how far the first round's adapter and losses are."""
+    reference = next(iter(results))
+    print(f"| {column} | peak RSS (GB), worst round | step time vs {reference}, paired median | "
+          f"all steps' time vs {reference} | adapter vs {reference}, rel. | losses vs {reference}, rel. |")
+    print("|---|---|---|---|---|---|")
+    for name, runs in results.items():
+        ratios = [
+            run_["seconds"][step] / base["seconds"][step]
+            for run_, base in zip(runs, results[reference])
+            for step in run_["seconds"]
+            if step > 1 and step in base["seconds"]  # step 1 pays the first-call warm-up
+        ]
+        total = sum(s for run_ in runs for step, s in run_["seconds"].items() if step > 1)
+        reference_total = sum(s for run_ in results[reference] for step, s in run_["seconds"].items() if step > 1)
+        diff = adapter_difference(results[reference][0]["adapter"], runs[0]["adapter"])
+        loss_diff = loss_difference(results[reference][0]["losses"], runs[0]["losses"])
+        print(f"| {name} | {max(r_['rss'] for r_ in runs) / 1e9:.2f} | {statistics.median(ratios):.3f} | "
+              f"{total / reference_total:.3f} | {diff:.1e} | {loss_diff:.1e} |")
 
 if __name__ == "__main__":
     main()

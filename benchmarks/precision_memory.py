@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from layout_memory import adapter_difference, loss_difference, read_run  # noqa: E402
+from layout_memory import print_comparison, read_run  # noqa: E402
 
 from lorafam.hardware import cpu_line  # noqa: E402
 
@@ -69,26 +68,8 @@ def main() -> None:
                 results[name].append(run(args.recipe, root, precision, args.steps, args.sets, out))
                 print(f"round {r + 1}: {name} peak RSS {results[name][-1]['rss'] / 1e9:.2f} GB", flush=True)
 
-        reference = names[0]
         print(f"\n{args.recipe}, {args.steps} steps, {args.rounds} rounds, eval capped at 1 batch · {cpu_line()}")
-        print(f"| configuration | peak RSS (GB), worst round | step time vs {reference}, paired median | "
-              f"all steps' time vs {reference} | adapter vs {reference}, rel. | losses vs {reference}, rel. |")
-        print("|---|---|---|---|---|---|")
-        for name in names:
-            runs = results[name]
-            ratios = [
-                run_["seconds"][step] / base["seconds"][step]
-                for run_, base in zip(runs, results[reference])
-                for step in run_["seconds"]
-                if step > 1 and step in base["seconds"]  # step 1 pays the first-call warm-up
-            ]
-            total = sum(s for run_ in runs for step, s in run_["seconds"].items() if step > 1)
-            reference_total = sum(s for run_ in results[reference] for step, s in run_["seconds"].items() if step > 1)
-            diff = adapter_difference(results[reference][0]["adapter"], runs[0]["adapter"])
-            loss_diff = loss_difference(results[reference][0]["losses"], runs[0]["losses"])
-            print(f"| {name} | {max(r_['rss'] for r_ in runs) / 1e9:.2f} | {statistics.median(ratios):.3f} | "
-                  f"{total / reference_total:.3f} | {diff:.1e} | {loss_diff:.1e} |")
-
+        print_comparison("configuration", results)
 
 if __name__ == "__main__":
     main()
