@@ -158,12 +158,15 @@ class Engine:
         """
         if self.deepspeed:
             configure_deepspeed(self.accelerator, recipe, layout)
-        # Not under FSDP or DeepSpeed, which hold and cast the weights themselves, nor under
-        # torch.compile, whose graphs would break at the function mode, nor with gradient
-        # checkpointing: its blocks keep no copies anyway, and their recomputation in backward
-        # (outside the mode) must save what the forward saved.
+        # Where the recipe asks for it (train.recast_frozen_weights: memory for time), and not under
+        # FSDP or DeepSpeed, which hold and cast the weights themselves, nor under torch.compile,
+        # whose graphs would break at the function mode, nor with gradient checkpointing: its blocks
+        # keep no copies anyway, and their recomputation in backward (outside the mode) must save
+        # what the forward saved.
         cfg = recipe.train
-        self.uncopied_frozen_weights = not (self.deepspeed or self.shards_parameters() or cfg.compile or cfg.gradient_checkpointing)
+        self.uncopied_frozen_weights = cfg.recast_frozen_weights and not (
+            self.deepspeed or self.shards_parameters() or cfg.compile or cfg.gradient_checkpointing
+        )
         return self.accelerator.prepare(loss_module, optimizer)
 
     def free(self) -> None:

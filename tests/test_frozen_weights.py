@@ -1,4 +1,5 @@
-"""Mixed precision keeps no autocast copy of the frozen weights for backward, and trains the same.
+"""train.recast_frozen_weights: mixed precision keeps no autocast copy of the frozen weights for
+backward, and trains the same.
 
 lorafam.frozen_weights routes ``F.linear`` calls on frozen fp32 weights through ``FrozenLinear``
 under autocast; these tests show that nothing else changes (every variant's bf16 run trains a
@@ -90,32 +91,36 @@ def train(tmp_path, assets, variant: str, name: str, **train_keys):
     return tmp_path / name
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_every_variant_trains_the_same_bf16_adapter_without_the_copies(variant, tmp_path, assets, monkeypatch):
-    """`lorafam train` in bf16, with the engine's uncopied frozen weights (the default) and with
-    plain autocast: the same losses and the same adapter, bit for bit."""
-    seen = []
+@pytest.fixture
+def entered(monkeypatch):
+    """Whether each engine autocast of the runs entered the mode."""
+    seen: list[bool] = []
     original = lorafam.engine.uncopied_frozen_weights
     monkeypatch.setattr(lorafam.engine, "uncopied_frozen_weights", lambda device, enabled: seen.append(enabled) or original(device, enabled))
-    uncopied = train(tmp_path, assets, variant, "uncopied")
-    assert seen and all(seen), "a bf16 run on one process must train without the copies"
-    monkeypatch.setattr(lorafam.engine, "uncopied_frozen_weights", lambda device, enabled: original(device, False))
+    return seen
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_variant_trains_the_same_bf16_adapter_with_its_frozen_weights_recast(variant, tmp_path, assets, entered):
+    """`lorafam train` in bf16 with train.recast_frozen_weights and without (the default): the same
+    losses and the same adapter, bit for bit."""
+    recast = train(tmp_path, assets, variant, "recast", recast_frozen_weights=True)
+    assert entered and all(entered), "a bf16 run on one process must train without the copies when asked"
+    entered.clear()
     plain = train(tmp_path, assets, variant, "plain")
-    losses = [[r["loss"] for r in read_metrics(run) if "loss" in r] for run in (uncopied, plain)]
+    assert entered and not any(entered), "the default keeps autocast's copies"
+    losses = [[r["loss"] for r in read_metrics(run) if "loss" in r] for run in (recast, plain)]
     assert losses[0] == losses[1]
-    a, b = load_file(uncopied / ADAPTER_WEIGHTS), load_file(plain / ADAPTER_WEIGHTS)
+    a, b = load_file(recast / ADAPTER_WEIGHTS), load_file(plain / ADAPTER_WEIGHTS)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
 
 @pytest.mark.parametrize("run", ["fp32", "bf16 with gradient checkpointing"])
-def test_runs_the_mode_does_not_apply_to_train_without_it(run, tmp_path, assets, monkeypatch):
+def test_runs_the_mode_does_not_apply_to_train_without_it(run, tmp_path, assets, entered):
     """fp32 has no copies to spare; under gradient checkpointing a block's recomputation in backward
     (outside the mode) must save what its forward saved, or torch refuses the recomputation."""
-    seen = []
-    original = lorafam.engine.uncopied_frozen_weights
-    monkeypatch.setattr(lorafam.engine, "uncopied_frozen_weights", lambda device, enabled: seen.append(enabled) or original(device, enabled))
     keys = {"mixed_precision": "no"} if run == "fp32" else {"gradient_checkpointing": True}
-    train(tmp_path, assets, "lora", "run", max_steps=2, **keys)
-    assert seen and not any(seen)
+    train(tmp_path, assets, "lora", "run", max_steps=2, recast_frozen_weights=True, **keys)
+    assert entered and not any(entered)
