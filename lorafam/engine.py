@@ -36,8 +36,8 @@ class Engine:
     """An Accelerator for one training phase, and what it means for a step."""
 
     accelerator: Accelerator
-    # Frozen fp32 weights are not kept as autocast copies between forward and backward
-    # (lorafam.frozen_weights); set by ``prepare`` where the engine leaves whole weights in place.
+    # train.recast_frozen_weights where it applies (set by ``prepare``): autocast keeps no copy of
+    # the frozen fp32 weights between forward and backward (lorafam.frozen_weights).
     uncopied_frozen_weights: bool = False
 
     @classmethod
@@ -177,7 +177,7 @@ class Engine:
     # One optimizer step
     @contextmanager
     def autocast(self) -> Iterator[None]:
-        """The run's mixed precision, without a second copy of the frozen weights kept for backward."""
+        """The run's mixed precision (the frozen weights recast in backward where the recipe asks)."""
         # Only when autocasting: the mode sees every torch call, which an fp32 run need not pay for.
         uncopied = self.uncopied_frozen_weights and self.accelerator.mixed_precision != "no"
         with self.accelerator.autocast(), uncopied_frozen_weights(self.device.type, uncopied):
