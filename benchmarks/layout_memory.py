@@ -115,5 +115,6 @@ def print_comparison(column: str, results: dict[str, list[dict]]) -> None:
         print(f"| {name} | {max(r_['rss'] for r_ in runs) / 1e9:.2f} | {statistics.median(ratios):.3f} | "
               f"{total / reference_total:.3f} | {diff:.1e} | {loss_diff:.1e} |")
 
+
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
 """lorafam vs PEFT: step time and peak RSS for every variant both implement, side by side.
 
-    python benchmarks/vs_peft.py                          # every variant, both shapes (~25 min on 2 cores)
+    python benchmarks/vs_peft.py                          # every variant, both shapes, minutes each on 2 cores
     python benchmarks/vs_peft.py --shapes 60m --variants lora dora vera   # the 58.5M Llama at 8 x 256 only
     python benchmarks/vs_peft.py --shapes custom --hidden 768 --layers 12 --batch 4 --length 512
     python benchmarks/vs_peft.py --precision bf16         # bf16 autocast on both sides
@@ -566,6 +566,8 @@ SHAPES: dict[str, dict[str, int]] = {
 
 def run_shape(args: argparse.Namespace, machine: dict[str, Any]) -> dict[str, Any]:
     """Every variant at one shape: the groups, then the table (under the CPU's flags)."""
+    from lorafam.hardware import cpu_line
+
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model or make_model_folder(Path(tmp) / "model", args)
@@ -585,7 +587,7 @@ def run_shape(args: argparse.Namespace, machine: dict[str, Any]) -> dict[str, An
     floor = results.get("floor", {}).get("floor", {}).get("step_s")
     mb = 1024**2
     print(f"\n{args.shape}: {n_params / 1e6:.1f}M Llama, batch {args.batch} x {args.length}, {args.precision or 'fp32'}"
-          f"{' (lorafam: `lorafam train`)' if args.cli else ''} · {machine_line(machine)}")
+          f"{' (lorafam: `lorafam train`)' if args.cli else ''} · {machine['cpu']}, {cpu_line()}")
     head = f"{'':10}{'lorafam s/step':>15}{'PEFT s/step':>13}{'ratio':>7}{'round ratios':>14}{'lorafam RSS MB':>16}{'PEFT RSS MB':>13}{'RSS ratio':>10}"
     print(head + (f"{'lorafam / floor':>16}" if floor else ""))
     table = []
@@ -614,12 +616,6 @@ def run_shape(args: argparse.Namespace, machine: dict[str, Any]) -> dict[str, An
               f"its turns after the CLI run over those before: {spread(drift)} (machine drift)")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("child", "cli_child", "shapes")}
     return {"shape": args.shape, "settings": settings, "model_params": n_params, "table": table, "raw": results}
-
-
-def machine_line(machine: dict[str, Any]) -> str:
-    """The CPU and the flags that decide its bf16, for the head of every table."""
-    flags = " ".join(f"{k}{'+' if v else '-'}" for k, v in machine["flags"].items())
-    return f"{machine['cpu']}, {machine['cores']} cores, {flags}: bf16 {'native' if machine['native_bf16'] else 'emulated'}"
 
 
 def main() -> None:

@@ -513,13 +513,15 @@ def template_check(data: dict[str, Any], runs: list[dict[str, Any]], model: str)
 def report(runs: list[dict[str, Any]], evaluated: dict[str, Any], machine: dict[str, Any],
            args: argparse.Namespace) -> list[dict[str, Any]]:
     """One row per configuration: medians over its rounds, the evaluator's mean loss."""
+    from lorafam.hardware import cpu_line
+
     losses = evaluated["results"]
     groups: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
         groups.setdefault(f"{run['tool']} {run['config']}", []).append(run)
     trl_wall = next((statistics.median(r["wall_s"] for r in g) for k, g in groups.items() if k.startswith("trl")), None)
     base = losses["base"]["loss"]
-    print(f"\n{vs_peft.machine_line(machine)} · {args.threads} threads · {args.steps} steps · evaluator: "
+    print(f"\n{machine['cpu']}, {cpu_line()} · {args.threads} threads · {args.steps} steps · evaluator: "
           f"{evaluated['scored']} held-out chats, {losses['base']['tokens']} assistant tokens, fp32")
     print(f"{'':22}{'precision':>15}{'wall s':>9}{'loop s':>9}{'peak RSS MB':>13}{'eval loss':>11}{'own eval':>10}"
           f"{'wall / TRL':>12}")

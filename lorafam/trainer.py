@@ -15,8 +15,9 @@ therefore needs nothing but the step to take exactly the batches the uninterrupt
 
 What differs between the main run and a variant's preparatory pass (LoRA-drop's probe run) is the
 ``Pass`` handed to the loop: both checkpoint and answer signals (a preparatory pass into its own
-folder under prepare/); the main pass (``MainPass``) also evaluates and samples. What differs between one process, DDP, FSDP2
-and DeepSpeed is the ``Engine`` (lorafam.engine); the loop does not know which it runs under.
+folder under prepare/); the main pass (``MainPass``) also evaluates and samples. What differs
+between one process, DDP, FSDP2 and DeepSpeed is the ``Engine`` (lorafam.engine); the loop does
+not know which it runs under.
 
 Surviving interruptions: a checkpoint holds everything the next step depends on (adapter, variant
 state, optimizer, scheduler, RNG states), so a resumed run takes the same steps an uninterrupted

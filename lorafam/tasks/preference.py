@@ -183,7 +183,8 @@ class AnswerLogProbs:
     """Per row: the summed log-probability of its labelled tokens (fp32) and their number.
 
     Like CausalLMLoss, only the scored positions reach the output head, a chunk at a time
-    (with gradients, as chunked_cross_entropy does it), so no (tokens x vocabulary) tensor exists for the prompts.
+    (with gradients, as chunked_cross_entropy does it), so no (tokens x vocabulary) tensor exists
+    for the prompts.
     ``also`` marks further next-token positions to score (ORPO's SFT term covers the whole chosen
     sequence); their log-probs come back as a third value, per row."""
 
