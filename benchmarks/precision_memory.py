@@ -1,12 +1,15 @@
 """Peak memory and step time of the quickstart in fp32 and in bf16, and of bf16 as another checkout ran it.
 
-    python benchmarks/precision_memory.py                                   # fp32 and bf16, 40 steps, 2 rounds
+    python benchmarks/precision_memory.py                                   # bf16 (hold, copy) and fp32, 40 steps, 2 rounds
+    python benchmarks/precision_memory.py --modes hold copy recast          # every train.frozen_weights
     git worktree add /tmp/before <commit>                                   # a checkout to compare with
     python benchmarks/precision_memory.py --baseline-root /tmp/before       # + bf16 as that checkout trains it
     python benchmarks/precision_memory.py --recipe recipes/dora.yaml --steps 20
 
 Issue 23 asked that a bf16 run hold no fp32 and bf16 copy of its frozen weights at once, and peak no
-higher than the same run in fp32 on the same CPU, at the same or better speed. Each configuration
+higher than the same run in fp32 on the same CPU, at the same or better speed. The bf16
+configurations differ in train.frozen_weights (hold: the default; copy: autocast's own way;
+recast: see lorafam.frozen_weights). Each configuration
 runs `lorafam train` in its own process (peak RSS = run.json's peak_memory: loading, the capped eval
 passes, every step), in rounds ordered A B C, C B A, so a change in the machine's load hits each
 alike. Step time is compared step by step against the first bf16 configuration: the same step
@@ -52,20 +55,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=2, help="each round runs every configuration (order reversed every other round)")
     parser.add_argument("--baseline-root", type=Path, help="another lorafam checkout: adds its bf16 run")
+    parser.add_argument("--modes", nargs="+", default=["hold", "copy"], choices=["hold", "copy", "recast"],
+                        help="train.frozen_weights of the bf16 configurations, the first the reference")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    configs = {"bf16": (ROOT, "bf16"), "fp32": (ROOT, "no")}
+    configs = {f"bf16 {mode}": (ROOT, "bf16", [f"train.frozen_weights={mode}"]) for mode in args.modes}
+    configs["fp32"] = (ROOT, "no", [])
     if args.baseline_root:
-        configs = {"bf16 (baseline)": (args.baseline_root.resolve(), "bf16")} | configs
+        configs = {"bf16 (baseline)": (args.baseline_root.resolve(), "bf16", [])} | configs
 
     results: dict[str, list[dict]] = {name: [] for name in configs}
     names = list(configs)
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for name in names if r % 2 == 0 else names[::-1]:
-                root, precision = configs[name]
-                out = Path(tmp) / f"{name.split()[0]}{'-base' if 'baseline' in name else ''}-{r}"
-                results[name].append(run(args.recipe, root, precision, args.steps, args.sets, out))
+                root, precision, sets = configs[name]
+                out = Path(tmp) / f"{name.replace(' ', '-').strip('()')}-{r}"
+                results[name].append(run(args.recipe, root, precision, args.steps, args.sets + sets, out))
                 print(f"round {r + 1}: {name} peak RSS {results[name][-1]['rss'] / 1e9:.2f} GB", flush=True)
 
         print(f"\n{args.recipe}, {args.steps} steps, {args.rounds} rounds, eval capped at 1 batch · {cpu_line()}")

@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
 
 from lorafam.errors import LorafamError
-from lorafam.frozen_weights import uncopied_frozen_weights
+from lorafam.frozen_weights import HeldWeights, holdable_weights, uncopied_frozen_weights
 from lorafam.hardware import Precision, check_process_count, process_group
 
 if TYPE_CHECKING:
@@ -36,9 +37,11 @@ class Engine:
     """An Accelerator for one training phase, and what it means for a step."""
 
     accelerator: Accelerator
-    # train.recast_frozen_weights where it applies (set by ``prepare``): autocast keeps no copy of
-    # the frozen fp32 weights between forward and backward (lorafam.frozen_weights).
+    # train.frozen_weights where it applies (set by ``prepare`` and ``hold_frozen_weights``):
+    # recast: autocast keeps no copy of the frozen fp32 weights between forward and backward;
+    # hold: they are held in the autocast dtype, their fp32 values here (lorafam.frozen_weights).
     uncopied_frozen_weights: bool = False
+    held: HeldWeights | None = None
 
     @classmethod
     def create(cls, precision: Precision, unused_parameters: bool = False) -> "Engine":
@@ -158,19 +161,41 @@ class Engine:
         """
         if self.deepspeed:
             configure_deepspeed(self.accelerator, recipe, layout)
-        # Where the recipe asks for it (train.recast_frozen_weights: memory for time), and not under
+        # Where the recipe asks for it (train.frozen_weights: recast, memory for time), and not under
         # FSDP or DeepSpeed, which hold and cast the weights themselves, nor under torch.compile,
         # whose graphs would break at the function mode, nor with gradient checkpointing: its blocks
         # keep no copies anyway, and their recomputation in backward (outside the mode) must save
         # what the forward saved.
         cfg = recipe.train
-        self.uncopied_frozen_weights = cfg.recast_frozen_weights and not (
+        self.uncopied_frozen_weights = cfg.frozen_weights == "recast" and not (
             self.deepspeed or self.shards_parameters() or cfg.compile or cfg.gradient_checkpointing
         )
         return self.accelerator.prepare(loss_module, optimizer)
 
+    def hold_frozen_weights(self, model: torch.nn.Module, variant: "Variant", recipe: "Recipe", folder: Path | None) -> int:
+        """Under mixed precision and train.frozen_weights: hold (the default), hold the model's frozen
+        linear weights in the autocast dtype until ``free`` (their fp32 values in a file in
+        ``folder``); how many elements are held. Not under FSDP or DeepSpeed, which place the weights
+        themselves."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision)
+        if dtype is None or recipe.train.frozen_weights != "hold" or self.deepspeed or self.shards_parameters():
+            return 0
+        params = holdable_weights(model, variant.weights_kept_as_loaded())
+        if params:
+            # On the run's disk (the nearest folder of its path that exists yet), not a tmpfs /tmp.
+            near = next((f for f in [folder, *folder.parents] if f.is_dir()), None) if folder else None
+            self.held = HeldWeights(params, dtype, near)
+        return self.held.numel if self.held else 0
+
+    def exact_weights(self) -> AbstractContextManager[None]:
+        """Inside: every weight as loaded (an fp32 eval), the held ones brought back from their file."""
+        return self.held.originals() if self.held else nullcontext()
+
     def free(self) -> None:
-        """Drop Accelerate's references: the next phase prepares anew."""
+        """Drop Accelerate's references and give back the held weights: the next phase prepares anew."""
+        if self.held is not None:
+            self.held.release()
+            self.held = None
         self.accelerator.free_memory()
 
     # ----------------------------------------------------------------------------------------------

@@ -1,31 +1,40 @@
-"""Mixed precision without a second copy of the frozen weights.
+"""Mixed precision without a second copy of the frozen weights (``train.frozen_weights``).
 
 Under bf16 (or fp16) autocast every ``F.linear`` casts its fp32 weight to bf16, and when the input
 needs a gradient autograd keeps that cast copy until the backward pass, to compute the input's
 gradient from it. For a frozen base, which is nearly every weight of an adapter run, that is a
-half-size second copy of the model held through every step: on the packaged SmolLM2-135M it made
-a bf16 quickstart peak above the fp32 one (issue 23).
+half-size second copy of the model held through every step, and a cast of the whole model every
+forward: on the packaged SmolLM2-135M it made a bf16 quickstart peak above the fp32 one (issue 23).
 
-``uncopied_frozen_weights()`` routes such calls through ``FrozenLinear``, which computes the same
-forward under the same autocast but keeps a reference to the fp32 weight, not the copy, and casts
-it again in backward, one layer at a time. The arithmetic is the same casts and the same matmuls
-(tests/test_frozen_weights.py), so what a run trains does not change, only what it holds. It costs
-one more cast of each frozen weight per micro-batch, a memory-bound pass: on the quickstart on a
-2-core CPU 9-11% of the step for 0.2-0.35 GB of peak RSS (benchmarks/precision_memory.py), which is
-why it is the recipe's choice (``train.recast_frozen_weights``), off by default.
+Two ways out, both computing what autocast computes, bit for bit (tests/test_frozen_weights.py):
 
-Weights that train, are not fp32 (a quantized or bf16-loaded base), or are shards (FSDP's
-DTensors, DeepSpeed's partitions) go through ``F.linear`` untouched.
+* ``hold`` (the default, ``HeldWeights``): through the training steps each frozen ``nn.Linear``
+  weight is held in the autocast dtype, the very values autocast would round it to, so the cast is
+  a no-op and autograd keeps the parameter itself. Its exact fp32 values wait in an unlinked file
+  beside the run (the page cache's, not the process's memory) and come back for an fp32 eval and at
+  the end of the pass, so evaluation, merging and the model a caller gets back see the weights as
+  loaded. Half the frozen weights' memory and no per-step cast.
+* ``recast`` (``uncopied_frozen_weights()``): the weights stay fp32; ``FrozenLinear`` computes the
+  same forward but keeps a reference to the fp32 weight, not the copy, and casts it again in
+  backward: one more cast of each frozen weight per micro-batch, so slower steps.
+
+Weights that train, are not fp32 (a quantized or bf16-loaded base), are shards (FSDP's DTensors,
+DeepSpeed's partitions), are tied to a module that is not a plain linear (an embedding), or that the
+adapter reads itself (``Variant.weights_kept_as_loaded``: DoRA's norms, GLoRA's composed weight,
+Delta-LoRA's updates of W) are left as they are.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
 
@@ -84,3 +93,73 @@ def uncopied_frozen_weights(device_type: str, enabled: bool = True) -> Iterator[
         return
     with _UncopiedFrozenWeights(device_type):
         yield
+
+
+def holdable_weights(model: nn.Module, kept: set[int]) -> list[nn.Parameter]:
+    """The frozen fp32 weights of ``model``'s plain ``nn.Linear`` layers that only those layers own
+    (not tied to an embedding), less ``kept`` (ids: ``Variant.weights_kept_as_loaded``)."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), []).append((module, name))
+    out, seen = [], set()
+    for module in model.modules():
+        weight = module._parameters.get("weight") if type(module) is nn.Linear else None
+        if weight is None or id(weight) in seen or id(weight) in kept:
+            continue
+        seen.add(id(weight))
+        if (type(weight) is nn.Parameter and weight.dtype == torch.float32 and not weight.requires_grad
+                and all(type(m) is nn.Linear and n == "weight" for m, n in owners[id(weight)])):
+            out.append(weight)
+    return out
+
+
+class HeldWeights:
+    """``params`` held in ``dtype``; their exact values in an unlinked file in ``folder``.
+
+    The file has no name from the moment it is made, so a run killed at any point leaves nothing
+    behind; it is removed when ``release`` closes it.
+    """
+
+    def __init__(self, params: list[nn.Parameter], dtype: torch.dtype, folder: Path | None = None):
+        self.params, self.dtype = params, dtype
+        self._file = tempfile.TemporaryFile(prefix=".lorafam-frozen-", dir=folder)
+        self._offsets = []
+        for p in params:
+            self._offsets.append(self._file.tell())
+            self._file.write(memoryview(p.detach().cpu().contiguous().numpy()).cast("B"))
+        self._file.flush()
+        self._hold()
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def _hold(self) -> None:
+        for p in self.params:
+            p.data = p.data.to(self.dtype)  # frees the fp32 tensor: the file keeps its values
+
+    def _load(self) -> None:
+        """Each parameter back to its exact fp32 values, one at a time (one weight's transient)."""
+        for p, offset in zip(self.params, self._offsets):
+            value = torch.empty(p.shape, dtype=torch.float32)
+            self._file.seek(offset)
+            self._file.readinto(memoryview(value.numpy()).cast("B"))
+            p.data = value.to(p.device)
+
+    @contextmanager
+    def originals(self) -> Iterator[None]:
+        """Inside: the weights as loaded (an fp32 eval); held again after."""
+        self._load()
+        try:
+            yield
+        finally:
+            self._hold()
+
+    def release(self) -> None:
+        """The weights as loaded for good; the file is gone."""
+        if self._file.closed:
+            return
+        self._load()
+        self._file.close()

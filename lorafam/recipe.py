@@ -129,12 +129,16 @@ class TrainConfig(Section):
         "train: in the training precision (faster).",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
-    recast_frozen_weights: bool = Field(
-        False,
-        description="Under bf16/fp16 autocast, keep no autocast copy of the frozen weights for backward "
-        "and cast them again there instead: the same adapter, bit for bit, with less memory, and slower "
-        "steps where the casts cost (quickstart, 2-core CPU: 0.2-0.35 GB less, 9-11% slower). Not with "
-        "FSDP, DeepSpeed, compile or gradient_checkpointing.",
+    frozen_weights: Literal["hold", "recast", "copy"] = Field(
+        "hold",
+        description="Under bf16/fp16 autocast, the frozen fp32 weights of linear layers. hold: held in the "
+        "autocast dtype through the training steps (the values autocast rounds them to anyway: the same "
+        "adapter, bit for bit), their exact values in an unlinked file beside the run, back for fp32 evals "
+        "and at the end: half their memory and no per-step cast. recast: kept fp32, with no autocast copy "
+        "kept for backward but a second cast there (slower). copy: autocast's own way (a copy per step). "
+        "hold and recast do nothing under FSDP or DeepSpeed; recast not with compile or "
+        "gradient_checkpointing; hold leaves weights tied to an embedding and those DoRA, GLoRA and "
+        "Delta-LoRA read themselves.",
     )
     compile: bool = Field(
         False,

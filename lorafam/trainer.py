@@ -334,6 +334,9 @@ class MainPass(Pass):
 
     def announce(self, console: Console, engine: Engine) -> None:
         console.print(f"engine: {engine.name} on {engine.num_processes} process(es)", soft_wrap=True)
+        if engine.held:
+            console.print(f"frozen weights: {engine.held.numel / 1e6:.1f}M held in {str(engine.held.dtype).removeprefix('torch.')} "
+                          "through the steps, back in fp32 for evals and at the end (train.frozen_weights: hold)", soft_wrap=True)
 
     def row(self, row: dict[str, Any]) -> dict[str, Any]:
         return row
@@ -360,10 +363,12 @@ class MainPass(Pass):
         if s.data.eval is None:
             return None
         cfg = s.recipe.train
-        return evaluate(
-            s.loss_model, s.task, s.data.eval, s.collate, cfg.eval_batch_size or cfg.batch_size,
-            cfg.eval_max_batches, eval_autocast(s), s.engine.process_index, s.engine.num_processes,
-        )
+        # In fp32 the weights as loaded; in the training precision the held ones compute the same.
+        with s.engine.exact_weights() if cfg.eval_precision == "fp32" else nullcontext():
+            return evaluate(
+                s.loss_model, s.task, s.data.eval, s.collate, cfg.eval_batch_size or cfg.batch_size,
+                cfg.eval_max_batches, eval_autocast(s), s.engine.process_index, s.engine.num_processes,
+            )
 
     def sample(self, s: "Session") -> str | None:
         if not s.task.generates or not s.recipe.train.sample_prompt:
@@ -464,6 +469,7 @@ def set_up(
         compile_blocks(model)
     optimizer = make_optimizer(variant.param_groups(cfg.lr, cfg.weight_decay), cfg)
     scheduler = make_scheduler(optimizer, cfg, steps, warmup=this.warmup(recipe, steps))
+    engine.hold_frozen_weights(model, variant, recipe, this.folder.path if this.folder else None)  # until engine.free
     this.announce(console, engine)
     loss_model, optimizer = engine.prepare(task.loss_module(model), optimizer, recipe, layout)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]

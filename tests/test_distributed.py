@@ -183,6 +183,26 @@ def test_two_processes_train_the_same_adapter_as_one_and_only_the_main_one_write
     assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]
 
 
+def test_two_bf16_processes_train_the_same_adapter_with_their_frozen_weights_held_as_copied(tmp_path, assets):
+    """train.frozen_weights: hold (the default) under DDP: each process holds its own frozen weights
+    in bf16 (their fp32 values in its own file) and the run trains, and evaluates in fp32, exactly
+    as with autocast's copies."""
+    runs = {}
+    for mode in ("hold", "copy"):
+        path = recipe(tmp_path, assets, mode, 4, 1, mixed_precision="bf16", frozen_weights=mode, eval_every=3)
+        result = launch("-m", "lorafam", "train", path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert ("M held in bfloat16 through the steps" in result.stdout) == (mode == "hold"), result.stdout
+        runs[mode] = tmp_path / mode
+    rows = [[{k: v for k, v in r.items() if k not in ("tokens_per_s", "step_seconds")} for r in read_metrics(run)]
+            for run in runs.values()]
+    assert rows[0] == rows[1] and any("eval_loss" in r for r in rows[0])
+    held, copied = (load_file(run / ADAPTER_WEIGHTS) for run in runs.values())
+    assert held.keys() == copied.keys()
+    for key in held:
+        assert torch.equal(held[key], copied[key]), key
+
+
 def test_a_cpu_launch_that_starts_one_process_is_refused(tmp_path, assets):
     """`accelerate launch --cpu --num_processes 2` starts one process: say so instead of training alone."""
     launcher = [ACCELERATE, "launch", "--cpu", "--num_processes", "2", "--main_process_port", free_port()]

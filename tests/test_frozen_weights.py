@@ -1,9 +1,11 @@
-"""train.recast_frozen_weights: mixed precision keeps no autocast copy of the frozen weights for
-backward, and trains the same.
+"""train.frozen_weights: mixed precision keeps no second copy of the frozen weights, and trains the same.
 
-lorafam.frozen_weights routes ``F.linear`` calls on frozen fp32 weights through ``FrozenLinear``
-under autocast; these tests show that nothing else changes (every variant's bf16 run trains a
-bitwise-equal adapter with and without it) and that what changes is what autograd holds.
+``hold`` (the default) holds the frozen linear weights in the autocast dtype through the steps, their
+fp32 values in a file; ``recast`` routes ``F.linear`` calls on frozen fp32 weights through
+``FrozenLinear`` under autocast; ``copy`` is autocast's own way. These tests show that nothing a
+run computes changes (every variant's bf16 run trains a bitwise-equal adapter and evaluates the same
+in all three), that the weights a run ends with are those it loaded, and that what changes is what
+the steps hold.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from transformers import LlamaForCausalLM
 import lorafam.engine
 from lorafam.adapters import VARIANTS, build_variant
 from lorafam.adapters.lora import LoRAConfig
-from lorafam.frozen_weights import uncopied_frozen_weights
+from lorafam.frozen_weights import HeldWeights, holdable_weights, uncopied_frozen_weights
 from lorafam.run import ADAPTER_WEIGHTS
 from lorafam.tasks import get_task
 
@@ -82,6 +84,50 @@ def test_nothing_changes_without_autocast_or_gradients():
             assert type(model(input_ids=ids).logits.grad_fn).__name__ == "FrozenLinearBackward"
 
 
+def test_held_weights_are_what_autocast_computes_with_and_come_back_exactly(tmp_path):
+    """HeldWeights on an adapted model: the frozen linear bases are held in bf16 (their autocast
+    values), the step saves the parameters themselves and computes what plain autocast computes,
+    ``originals`` and ``release`` give back every weight bit for bit, and the store never has a name
+    in the folder."""
+    model = adapted_llama()
+    variant_kept = {id(p) for n, p in model.named_parameters() if "lora_" in n}
+    loaded = {n: p.detach().clone() for n, p in model.named_parameters()}
+    plain_saved, plain_loss, plain_grads = saved_during_step(model, uncopied=False)
+
+    params = holdable_weights(model, variant_kept)
+    names = {id(p): n for n, p in model.named_parameters()}
+    held = sorted(names[id(p)] for p in params)
+    # Every layer's seven linears (their bases), not the LoRA factors, not the head tied to the embedding.
+    assert len(held) == 2 * 7 and all(n.endswith(".weight") and "lora_" not in n for n in held)
+    assert "lm_head.weight" not in held and "model.embed_tokens.weight" not in held
+    store = HeldWeights(params, torch.bfloat16, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    for n, p in model.named_parameters():
+        expected = loaded[n].to(torch.bfloat16) if n in held else loaded[n]
+        assert p.dtype == expected.dtype and torch.equal(p, expected), n
+
+    saved, loss, grads = saved_during_step(model, uncopied=False)
+    # Autograd keeps views of the held parameters (matmul saves W's transpose), and no copies.
+    storages = {p.untyped_storage().data_ptr() for p in params}
+    frozen_shapes = {tuple(p.shape) for p in params}
+    kept = [t for t in saved if t.untyped_storage().data_ptr() in storages]
+    copies = [t for t in saved if t.dtype == torch.bfloat16 and t.dim() == 2 and t.untyped_storage().data_ptr() not in storages
+              and (tuple(t.shape) in frozen_shapes or tuple(t.shape)[::-1] in frozen_shapes)]
+    assert len(kept) >= 9 and copies == []
+    assert torch.equal(loss, plain_loss)
+    for name in grads:
+        assert torch.equal(grads[name], plain_grads[name]), name
+
+    with store.originals():
+        for n, p in model.named_parameters():
+            assert p.dtype == loaded[n].dtype and torch.equal(p, loaded[n]), n
+    assert all(p.dtype == torch.bfloat16 for p in params)
+    store.release()
+    for n, p in model.named_parameters():
+        assert p.dtype == loaded[n].dtype and torch.equal(p, loaded[n]), n
+    assert store._file.closed
+
+
 def train(tmp_path, assets, variant: str, name: str, **train_keys):
     model, data = assets
     recipe = write_recipe(tmp_path / f"{name}.yaml", model, data, tmp_path / name, adapter=adapter_section(variant, 0.1),
@@ -93,34 +139,52 @@ def train(tmp_path, assets, variant: str, name: str, **train_keys):
 
 @pytest.fixture
 def entered(monkeypatch):
-    """Whether each engine autocast of the runs entered the mode."""
+    """Per engine autocast of the runs, whether it entered the recast mode; per pass, how many
+    weight elements it held."""
     seen: list[bool] = []
+    held: list[int] = []
     original = lorafam.engine.uncopied_frozen_weights
     monkeypatch.setattr(lorafam.engine, "uncopied_frozen_weights", lambda device, enabled: seen.append(enabled) or original(device, enabled))
-    return seen
+    hold = lorafam.engine.Engine.hold_frozen_weights
+    monkeypatch.setattr(lorafam.engine.Engine, "hold_frozen_weights", lambda self, *a: held.append(hold(self, *a)) or held[-1])
+    return seen, held
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_every_variant_trains_the_same_bf16_adapter_with_its_frozen_weights_recast(variant, tmp_path, assets, entered):
-    """`lorafam train` in bf16 with train.recast_frozen_weights and without (the default): the same
-    losses and the same adapter, bit for bit."""
-    recast = train(tmp_path, assets, variant, "recast", recast_frozen_weights=True)
-    assert entered and all(entered), "a bf16 run on one process must train without the copies when asked"
-    entered.clear()
-    plain = train(tmp_path, assets, variant, "plain")
-    assert entered and not any(entered), "the default keeps autocast's copies"
-    losses = [[r["loss"] for r in read_metrics(run) if "loss" in r] for run in (recast, plain)]
-    assert losses[0] == losses[1]
-    a, b = load_file(recast / ADAPTER_WEIGHTS), load_file(plain / ADAPTER_WEIGHTS)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+def test_every_variant_trains_and_evaluates_the_same_bf16_adapter_however_its_frozen_weights_are_kept(
+        variant, tmp_path, assets, entered):
+    """`lorafam train` in bf16 with train.frozen_weights hold (the default), recast and copy: the same
+    losses, the same fp32 evals and the same adapter, bit for bit."""
+    recast_modes, held = entered
+    runs = {}
+    for mode in ("hold", "recast", "copy"):
+        recast_modes.clear(), held.clear()
+        runs[mode] = train(tmp_path, assets, variant, mode, frozen_weights=mode, eval_every=3)
+        assert recast_modes and all(recast_modes) == (mode == "recast"), mode
+        # Every pass (a preparatory one too) holds the untargeted linears at least.
+        assert held and (all(held) if mode == "hold" else not any(held)), (mode, held)
+    rows = {mode: [{k: v for k, v in r.items() if k != "tokens_per_s" and k != "step_seconds"}
+                   for r in read_metrics(run)] for mode, run in runs.items()}
+    assert any("eval_loss" in r for r in rows["hold"])
+    assert rows["hold"] == rows["recast"] == rows["copy"]
+    adapters = {mode: load_file(run / ADAPTER_WEIGHTS) for mode, run in runs.items()}
+    assert adapters["hold"].keys() == adapters["copy"].keys() == adapters["recast"].keys()
+    for key in adapters["hold"]:
+        assert torch.equal(adapters["hold"][key], adapters["copy"][key]), key
+        assert torch.equal(adapters["recast"][key], adapters["copy"][key]), key
 
 
 @pytest.mark.parametrize("run", ["fp32", "bf16 with gradient checkpointing"])
-def test_runs_the_mode_does_not_apply_to_train_without_it(run, tmp_path, assets, entered):
+def test_runs_the_recast_mode_does_not_apply_to_train_without_it(run, tmp_path, assets, entered):
     """fp32 has no copies to spare; under gradient checkpointing a block's recomputation in backward
     (outside the mode) must save what its forward saved, or torch refuses the recomputation."""
+    recast_modes, held = entered
     keys = {"mixed_precision": "no"} if run == "fp32" else {"gradient_checkpointing": True}
-    train(tmp_path, assets, "lora", "run", max_steps=2, recast_frozen_weights=True, **keys)
-    assert entered and not any(entered)
+    train(tmp_path, assets, "lora", "run", max_steps=2, frozen_weights="recast", **keys)
+    assert recast_modes and not any(recast_modes)
+    assert held == [0]
+
+
+def test_an_fp32_run_holds_nothing(tmp_path, assets, entered):
+    train(tmp_path, assets, "lora", "run", max_steps=2, mixed_precision="no")
+    assert entered[1] == [0]

@@ -75,6 +75,11 @@ class AdapterLayer(nn.Module):
     the saved keys, line up with PEFT's.
     """
 
+    #: True where a training step reads W itself (a norm, a composed weight, an update written into
+    #: it), not only through ``base_layer(x)``: mixed precision then leaves W in its own dtype instead
+    #: of holding it in the autocast dtype (``Variant.weights_kept_as_loaded``, lorafam.frozen_weights).
+    reads_base_weight: ClassVar[bool] = False
+
     def __init__(self, base_layer: nn.Linear):
         super().__init__()
         self.base_layer = base_layer
@@ -285,6 +290,20 @@ class Variant:
                 p.requires_grad_(True)
             self.saved_modules[path] = module
         return self
+
+    def weights_kept_as_loaded(self) -> set[int]:
+        """ids of the frozen parameters inside this adapter that mixed precision must not hold in the
+        autocast dtype (lorafam.frozen_weights): the adapter's own (LoRA-FA's A, shared modules), the
+        fused expert weights, and the base weights of layers with ``reads_base_weight``. A base
+        weight its layer uses only through ``base_layer(x)`` is rounded to the autocast dtype in that
+        call anyway, so holding it so changes nothing a step computes."""
+        kept = set()
+        for layer in self.layers.values():
+            kept.update(id(p) for name, p in layer.named_parameters()
+                        if layer.reads_base_weight or not name.startswith("base_layer."))
+        for module in [*self.expert_layers.values(), *([self.shared_module()] if self.shared_module() else [])]:
+            kept.update(id(p) for p in module.parameters())
+        return kept
 
     def _apply_experts(self, model: nn.Module) -> None:
         """Wrap the fused expert weights the recipe targets; note the 3-D weights left frozen."""

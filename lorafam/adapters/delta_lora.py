@@ -53,6 +53,8 @@ class DeltaLoRAConfig(LoRAConfig):
 
 
 class DeltaLoRALayer(LoRALayer):
+    reads_base_weight = True  # each step writes its update into W, which must stay fp32
+
     def __init__(self, base_layer: nn.Linear, r: int, scaling: float, update_ratio: float):
         super().__init__(base_layer, r, scaling, dropout=0.0)
         self.update_ratio = update_ratio

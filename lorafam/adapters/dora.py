@@ -52,6 +52,8 @@ class DoRAConfig(LoRAConfig):
 
 
 class DoRALayer(LoRALayer):
+    reads_base_weight = True  # the column norms of W + BA, in fp32
+
     def __init__(self, base_layer: nn.Linear, r: int, scaling: float, dropout: float):
         super().__init__(base_layer, r, scaling, dropout)
         device = base_layer.weight.device

@@ -124,6 +124,8 @@ class GLoRALayer(AdapterLayer):
     """``can_add_bias``: whether a merged model can hold a bias here that ``base_layer`` lacks; when
     False, C and E (whose only effect is such a bias) get no parameters."""
 
+    reads_base_weight = True  # W0 + W0 * A + B, composed in fp32
+
     def __init__(self, base_layer: nn.Linear, forms: GLoRAForms, r: int, can_add_bias: bool = True):
         super().__init__(base_layer)
         self.forms = forms

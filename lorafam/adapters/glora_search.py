@@ -119,6 +119,8 @@ class SuperTensor(nn.Module):
 class GLoRASuperLayer(AdapterLayer):
     """A layer of the supernet: every form of A..E, one active at a time (``active``)."""
 
+    reads_base_weight = True  # composes W0 + W0 * A + B in fp32, as GLoRALayer
+
     def __init__(self, base_layer: nn.Linear, r: int, can_add_bias: bool):
         super().__init__(base_layer)
         out_f, in_f, device = self.out_features, self.in_features, base_layer.weight.device
