@@ -125,6 +125,7 @@ def test_held_weights_are_what_autocast_computes_with_and_come_back_exactly(tmp_
     store.release()
     for n, p in model.named_parameters():
         assert p.dtype == loaded[n].dtype and torch.equal(p, loaded[n]), n
+    assert len({p.untyped_storage().data_ptr() for p in params}) == len(params)  # no views of one buffer
     assert store._file.closed
 
 
