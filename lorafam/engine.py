@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 
 from lorafam.errors import LorafamError
-from lorafam.frozen_weights import HeldWeights, holdable_weights, uncopied_frozen_weights
+from lorafam.frozen_weights import HeldWeights, holdable_weights, own_the_rest, uncopied_frozen_weights
 from lorafam.hardware import Precision, check_process_count, process_group
 
 if TYPE_CHECKING:
@@ -185,6 +185,7 @@ class Engine:
             # On the run's disk (the nearest folder of its path that exists yet), not a tmpfs /tmp.
             near = next((f for f in [folder, *folder.parents] if f.is_dir()), None) if folder else None
             self.held = HeldWeights(params, dtype, near)
+            own_the_rest(model, params)
         return self.held.numel if self.held else 0
 
     def exact_weights(self) -> AbstractContextManager[None]:

@@ -469,9 +469,11 @@ def set_up(
         compile_blocks(model)
     optimizer = make_optimizer(variant.param_groups(cfg.lr, cfg.weight_decay), cfg)
     scheduler = make_scheduler(optimizer, cfg, steps, warmup=this.warmup(recipe, steps))
+    # The loss module probes the model in fp32 (lorafam.tasks.causal_lm): before any weight is held.
+    loss_module = task.loss_module(model)
     engine.hold_frozen_weights(model, variant, recipe, this.folder.path if this.folder else None)  # until engine.free
     this.announce(console, engine)
-    loss_model, optimizer = engine.prepare(task.loss_module(model), optimizer, recipe, layout)
+    loss_model, optimizer = engine.prepare(loss_module, optimizer, recipe, layout)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     return Session(
         recipe, task, engine, loss_model, model, variant, optimizer, scheduler, trainable, data,

@@ -148,6 +148,15 @@ def entered(monkeypatch):
     monkeypatch.setattr(lorafam.engine, "uncopied_frozen_weights", lambda device, enabled: seen.append(enabled) or original(device, enabled))
     hold = lorafam.engine.Engine.hold_frozen_weights
     monkeypatch.setattr(lorafam.engine.Engine, "hold_frozen_weights", lambda self, *a: held.append(hold(self, *a)) or held[-1])
+    prepare = lorafam.engine.Engine.prepare
+
+    def prepared(self, loss_module, *args):
+        # The causal-LM loss applies the head to the labelled positions only where its probe of the
+        # model (in fp32) succeeded; a probe of held bf16 weights would fail and fall back.
+        assert loss_module.split_head, "the loss module fell back to the full logits"
+        return prepare(self, loss_module, *args)
+
+    monkeypatch.setattr(lorafam.engine.Engine, "prepare", prepared)
     return seen, held
 
 
