@@ -251,14 +251,16 @@ def trl_child(spec: dict[str, Any]) -> None:
     job = spec["job"]
     train = datasets.load_dataset("json", data_files=spec["train"], split="train")
     held = datasets.load_dataset("json", data_files=spec["eval"], split="train")
-    args = SFTConfig(
-        output_dir=spec["out"], use_cpu=not torch.cuda.is_available(), report_to="none",
+    settings = dict(
         max_steps=job["steps"], per_device_train_batch_size=job["batch_size"],
         gradient_accumulation_steps=job["grad_accum"], learning_rate=job["lr"],
         lr_scheduler_type=SCHEDULES[job["schedule"]], warmup_steps=job["warmup_steps"],
         weight_decay=job["weight_decay"], max_grad_norm=job["max_grad_norm"] or 0.0, max_length=job["max_length"],
-        per_device_eval_batch_size=job["eval_batch_size"], seed=job["seed"], **spec["overrides"],
+        per_device_eval_batch_size=job["eval_batch_size"], seed=job["seed"],
     )
+    # --trl-set may change any of the job's settings too (e.g. seed=1 beside --lorafam-set train.seed=1).
+    args = SFTConfig(output_dir=spec["out"], use_cpu=not torch.cuda.is_available(), report_to="none",
+                     **(settings | spec["overrides"]))
     lora = LoraConfig(r=job["r"], lora_alpha=job["alpha"], lora_dropout=job["dropout"],
                       target_modules=job["target_modules"], task_type="CAUSAL_LM")
     # The model by path, as a user passes a hub id: TRL loads it itself (fp32 unless told otherwise).
