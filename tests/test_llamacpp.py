@@ -78,8 +78,12 @@ def continuation(tokenizer, model: torch.nn.Module, prompt: str = PROMPT, n: int
 
 
 def llama_perplexity(path: Path, text: Path, lora: Path | None = None) -> float:
-    """llama-perplexity's final estimate on ``text``: 2 chunks of 64 tokens, each scored on its second half."""
-    args = ["-m", path, "-f", text, "-c", 64, "-b", 64, "-t", 1, "--chunks", 2, "-ctk", "f32", "-ctv", "f32"]
+    """llama-perplexity's final estimate on ``text``: 2 chunks of 64 tokens, each scored on its second half.
+
+    In f32 throughout: with flash attention (llama.cpp's default, ``-fa auto``) its CPU kernel rounds
+    through f16, which on lora_plus's run at ddfcb37 moved the perplexity by 2.1e-3 relative, where
+    ``-fa off`` agreed with transformers to 4e-6."""
+    args = ["-m", path, "-f", text, "-c", 64, "-b", 64, "-t", 1, "--chunks", 2, "-ctk", "f32", "-ctv", "f32", "-fa", "off"]
     out = llamacpp.run("llama-perplexity", *args, *(["--lora", lora] if lora else []), complete="Final estimate")
     match = re.search(r"Final estimate: PPL = (\S+)", out.stdout + out.stderr)
     assert match, out.stderr[-2000:]
