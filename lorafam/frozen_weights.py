@@ -145,37 +145,31 @@ class HeldWeights:
 
     def __init__(self, params: list[nn.Parameter], dtype: torch.dtype, folder: Path | None = None):
         self.params, self.dtype = params, dtype
-        self.numel = sum(p.numel() for p in params)
         self.device = params[0].device
+        self._starts = [0]  # each parameter's first element in the flat buffer and the file
+        for p in params:
+            self._starts.append(self._starts[-1] + p.numel())
+        self.numel = self._starts[-1]
         self._file = tempfile.TemporaryFile(prefix=".lorafam-frozen-", dir=folder)
         for p in params:
             self._file.write(memoryview(p.detach().cpu().contiguous().numpy()).cast("B"))
         self._file.flush()
         self._hold()
 
-    def _views(self, flat: torch.Tensor) -> None:
-        offset = 0
-        for p in self.params:
-            p.data = flat[offset : offset + p.numel()].view(p.shape)
-            offset += p.numel()
-
     def _hold(self) -> None:
         flat = torch.empty(self.numel, dtype=self.dtype, device=self.device)
-        offset = 0
-        for p in self.params:  # the autocast dtype's rounding, as autocast's own cast
-            flat[offset : offset + p.numel()].view(p.shape).copy_(p.data)
-            offset += p.numel()
-        self._views(flat)  # frees the fp32 values: the file keeps them
+        for p, start, stop in zip(self.params, self._starts, self._starts[1:]):
+            view = flat[start:stop].view(p.shape)
+            view.copy_(p.data)  # the autocast dtype's rounding, as autocast's own cast
+            p.data = view  # frees the fp32 values: the file keeps them
 
     def _load(self) -> None:
         """Every parameter back to its exact fp32 values: on the CPU a copy-on-write mapping of its
         span of the file, as transformers loads a safetensors checkpoint (pages read as used, the
         page cache's; each parameter its own storage, so savers see no weights shared)."""
-        offset = 0
-        for p in self.params:
-            mapped = np.memmap(self._file, dtype=np.float32, mode="c", offset=offset, shape=tuple(p.shape))
+        for p, start in zip(self.params, self._starts):
+            mapped = np.memmap(self._file, dtype=np.float32, mode="c", offset=start * 4, shape=tuple(p.shape))
             p.data = torch.from_numpy(mapped).to(self.device)
-            offset += p.numel() * 4
 
     @contextmanager
     def originals(self) -> Iterator[None]:

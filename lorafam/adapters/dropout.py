@@ -89,11 +89,11 @@ def _dropout(x: torch.Tensor, p: float, salt: int) -> torch.Tensor:
 
 
 def _masks(shape: tuple[int, ...], device: torch.device, keys: _Keys, salt: int, p: float) -> torch.Tensor:
-    drawn = shape[1:]
-    if device.type != "cpu" and keys.length is not None and len(shape) >= 3 and shape[1] <= keys.length:
-        drawn = (keys.length, *shape[2:])
     if device.type == "cpu":
         return _cpu_masks(shape, keys.rows, salt, p)
+    drawn = shape[1:]
+    if keys.length is not None and len(shape) >= 3 and shape[1] <= keys.length:
+        drawn = (keys.length, *shape[2:])
     mask = torch.empty((shape[0], *drawn), dtype=torch.bool, device=device)
     for row, key in enumerate(keys.rows):
         generator = torch.Generator(device=device)
