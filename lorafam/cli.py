@@ -294,6 +294,9 @@ def quiet_libraries() -> None:
 
 
 def main() -> None:
+    from lorafam.hardware import bound_kernel_caches
+
+    bound_kernel_caches()  # before torch's first bf16 matmul: read once
     flush_denormals()
     quiet_libraries()
     app()

@@ -24,7 +24,7 @@ from accelerate import Accelerator
 
 from lorafam.errors import LorafamError
 from lorafam.frozen_weights import HeldWeights, holdable_weights, own_the_rest, uncopied_frozen_weights
-from lorafam.hardware import Precision, check_process_count, process_group
+from lorafam.hardware import Precision, bound_kernel_caches, check_process_count, process_group
 
 if TYPE_CHECKING:
     from lorafam.adapters import Variant
@@ -53,6 +53,7 @@ class Engine:
         from accelerate.state import AcceleratorState
         from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
+        bound_kernel_caches()  # the CLI did it at start; a caller of lorafam.api may not have
         cpu, backend = process_group()
         handlers = [InitProcessGroupKwargs(backend=backend)] if backend else []
         if unused_parameters:

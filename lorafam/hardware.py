@@ -35,6 +35,27 @@ class Precision:
         return {"mixed_precision": self.mixed_precision, "requested": self.requested, "reason": self.reason}
 
 
+#: Bounds on oneDNN's shape-keyed caches (``bound_kernel_caches``): environment variables, so a
+#: user's own setting wins. ideep's LRU cache of matmul computations (PyTorch issue 27971) and
+#: oneDNN's cache of compiled primitives; 128 primitives hold every shape of a few micro-batches.
+KERNEL_CACHE_BOUNDS = {"LRU_CACHE_CAPACITY": "1", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128"}
+
+
+def bound_kernel_caches() -> None:
+    """Keep oneDNN's per-shape caches small, before the process's first bf16 matmul on the CPU.
+
+    PyTorch runs bf16 matmuls on the CPU through oneDNN, which caches what it builds for each
+    input shape: by default 1024 entries of ideep's (which keep the weights repacked for that
+    shape) and 1024 compiled primitives. A run with dynamic padding meets a new sequence length
+    nearly every micro-batch, so under bf16 the caches grew ~8 MB a step and took the quickstart's
+    peak RSS above its fp32 peak (issue 23; fp32 matmuls do not use them). With these bounds the
+    resident memory stays flat from step to step (benchmarks/precision_memory.py). Both are read
+    once, at their first use: set after that, they change nothing.
+    """
+    for name, value in KERNEL_CACHE_BOUNDS.items():
+        os.environ.setdefault(name, value)
+
+
 def cpu_flags() -> set[str] | None:
     """The CPU's feature flags, or None where they cannot be read (not Linux)."""
     try:
