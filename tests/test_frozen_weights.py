@@ -5,10 +5,15 @@ fp32 values in a file; ``recast`` routes ``F.linear`` calls on frozen fp32 weigh
 ``FrozenLinear`` under autocast; ``copy`` is autocast's own way. These tests show that nothing a
 run computes changes (every variant's bf16 run trains a bitwise-equal adapter and evaluates the same
 in all three), that the weights a run ends with are those it loaded, and that what changes is what
-the steps hold.
+the steps hold. And that the CLI bounds oneDNN's per-shape caches, which bf16 matmuls on the CPU
+filled with a new entry for each sequence length.
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,6 +26,7 @@ import lorafam.engine
 from lorafam.adapters import VARIANTS, build_variant
 from lorafam.adapters.lora import LoRAConfig
 from lorafam.frozen_weights import HeldWeights, holdable_weights, uncopied_frozen_weights
+from lorafam.hardware import KERNEL_CACHE_BOUNDS, bound_kernel_caches
 from lorafam.run import ADAPTER_WEIGHTS
 from lorafam.tasks import get_task
 
@@ -198,3 +204,48 @@ def test_runs_the_recast_mode_does_not_apply_to_train_without_it(run, tmp_path, 
 def test_an_fp32_run_holds_nothing(tmp_path, assets, entered):
     train(tmp_path, assets, "lora", "run", max_steps=2, mixed_precision="no")
     assert entered[1] == [0]
+
+
+# --------------------------------------------------------------------------------------------------
+# oneDNN's shape-keyed caches (lorafam.hardware.bound_kernel_caches)
+
+
+def test_kernel_cache_bounds_are_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LRU_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "7")  # the user's own choice wins
+    bound_kernel_caches()
+    assert os.environ["LRU_CACHE_CAPACITY"] == KERNEL_CACHE_BOUNDS["LRU_CACHE_CAPACITY"]
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "7"
+
+
+# Through the CLI's entry: a bf16 matmul of one shape, as many other shapes as the bound holds, then
+# the first shape again. oneDNN reports (ONEDNN_VERBOSE) whether it built that primitive again.
+_CACHE_PROBE = """
+import torch
+import lorafam.cli
+
+def command():
+    weight = torch.randn(64, 64, dtype=torch.bfloat16)
+    for rows in [3, *range(4, 4 + {others}), 3]:
+        torch.randn(rows, 64, dtype=torch.bfloat16) @ weight
+    print("END", flush=True)
+
+lorafam.cli.app = command
+lorafam.cli.main()
+"""
+
+
+def test_cli_bounds_onednn_primitive_cache() -> None:
+    others = int(KERNEL_CACHE_BOUNDS["ONEDNN_PRIMITIVE_CACHE_CAPACITY"])
+    env = {k: v for k, v in os.environ.items() if k not in KERNEL_CACHE_BOUNDS} | {"ONEDNN_VERBOSE": "profile_create"}
+    out = subprocess.run([sys.executable, "-c", _CACHE_PROBE.format(others=others)], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    creates = [line for line in out.splitlines() if ",matmul," in line and "create:" in line]
+    if not creates:
+        pytest.skip("this CPU's bf16 matmuls do not run through oneDNN: no cache to bound")
+    # oneDNN's line: ...,create:cache_miss|cache_hit,...,<src>:<weights>,<ms>
+    events = [(line.split(",")[3], line.split(",")[-2]) for line in creates]
+    assert len(events) == others + 2, events[:3]
+    # 3x64 built at first, pushed out by the newer shapes, built again: the cache is bounded (by
+    # default it holds 1024 primitives, and the second 3x64 would be a cache hit).
+    assert [event for event, shape in events if shape == "3x64:64x64"] == ["create:cache_miss"] * 2, events[-1]
