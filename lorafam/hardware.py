@@ -37,7 +37,8 @@ class Precision:
 
 #: Bounds on oneDNN's shape-keyed caches (``bound_kernel_caches``): environment variables, so a
 #: user's own setting wins. ideep's LRU cache of matmul computations (PyTorch issue 27971) and
-#: oneDNN's cache of compiled primitives; 128 primitives hold every shape of a few micro-batches.
+#: oneDNN's cache of compiled primitives. 128 leaves room for the shapes of a few micro-batches (a
+#: LoRA micro-batch needs ~30, counted by hand); at 2 every call rebuilds them, 2.7x slower.
 KERNEL_CACHE_BOUNDS = {"LRU_CACHE_CAPACITY": "1", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128"}
 
 
@@ -48,7 +49,7 @@ def bound_kernel_caches() -> None:
     input shape: by default 1024 entries of ideep's (which keep the weights repacked for that
     shape) and 1024 compiled primitives. A run with dynamic padding meets a new sequence length
     nearly every micro-batch, so under bf16 the caches grew ~8 MB a step and took the quickstart's
-    peak RSS above its fp32 peak (issue 23; fp32 matmuls do not use them). With these bounds the
+    peak RSS above its fp32 peak (issue 23; an fp32 run's memory did not grow). With these bounds the
     resident memory stays flat from step to step (benchmarks/precision_memory.py). Both are read
     once, at their first use: set after that, they change nothing.
     """
